@@ -1,0 +1,105 @@
+"""All of vramflow's settings in one object, read from `VRAMFLOW_*` environment variables.
+
+Build it once at an entry point (CLI, flow) with `Settings()` and pass it down; nothing here
+reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_PROMPT = "Summarise this page in two sentences."
+
+
+class Settings(BaseSettings):
+    """vramflow's configuration; every field can be set as `VRAMFLOW_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="VRAMFLOW_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.vramflow"),
+        description="Folder for the default SQLite database, converted models and slot records.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the results database; default: SQLite file in `home`.",
+    )
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Model: the packaged default, a Hugging Face id, a local folder or a .gguf file.",
+    )
+    prompt: str = Field(default=DEFAULT_PROMPT, description="Instruction applied to every page.")
+    device: str = Field(
+        default="auto", description="`auto` (CUDA if available, else CPU), `cpu` or `cuda:N`."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, le=8192, description="Tokens generated per page.")
+    batch_size: int = Field(default=4, ge=1, le=256, description="Pages per model call and slot hold.")
+    max_input_tokens: int = Field(
+        default=1536, ge=16, le=131072, description="Page tokens kept; longer pages are truncated."
+    )
+    skip_no_text: bool = Field(
+        default=True, description="Skip inference for pages without a text layer."
+    )
+    slot_name_template: str = Field(
+        default="vramflow-gpu-{host}-{device}",
+        description="Name of the Prefect global concurrency limit per device.",
+    )
+    slot_size: int = Field(default=1, ge=1, le=64, description="Concurrent holders per device.")
+    slot_lease_seconds: float = Field(
+        default=60, ge=60, le=86400, description="Lease of a held slot; a dead holder's expires."
+    )
+    slot_wait_seconds: float | None = Field(
+        default=None, ge=1, description="Give up waiting for the slot after this long (None: wait)."
+    )
+    inference_timeout_seconds: float = Field(
+        default=900, gt=0, description="A batch generating longer than this fails and frees the slot."
+    )
+    oom_retries: int = Field(default=2, ge=0, le=20, description="Prefect task retries after OOM.")
+    oom_retry_delay_seconds: float = Field(
+        default=5, ge=0, le=3600, description="Delay before a task retry after OOM."
+    )
+    inject_oom: str | None = Field(
+        default=None,
+        description="Fault injection, e.g. `page=3,times=2` (or `times=all`): a real OOM error.",
+    )
+    max_file_bytes: int = Field(
+        default=512 * 1024**2, ge=1, description="Larger files fail with a clear error."
+    )
+    max_pages: int = Field(default=5000, ge=1, description="Documents with more pages fail.")
+    max_prompt_chars: int = Field(default=4000, ge=1, description="Longer prompts are refused.")
+    document_timeout_seconds: float = Field(
+        default=600, gt=0, description="Opening a document (and counting pages) may take this long."
+    )
+    page_timeout_seconds: float = Field(
+        default=60, gt=0, description="Extracting one page may take this long; it fails alone."
+    )
+    task_workers: int = Field(
+        default=8, ge=1, le=256, description="Threads of a flow's task runner."
+    )
+    inbox: Path = Field(
+        default=Path("~/.vramflow/inbox"), description="Folder the sweep-inbox flow scans."
+    )
+
+    @field_validator("home", "inbox")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under `home`."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'vramflow.db'}"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def slot_records_dir(self) -> Path:
+        return self.home / "slots"
