@@ -30,14 +30,14 @@ class Settings(BaseSettings):
     )
     model: str = Field(
         default=DEFAULT_MODEL,
-        description="Model: the packaged default, a Hugging Face id, a local folder or a .gguf file.",
+        description="The packaged default, a Hugging Face id, a local folder or a .gguf file.",
     )
     prompt: str = Field(default=DEFAULT_PROMPT, description="Instruction applied to every page.")
     device: str = Field(
         default="auto", description="`auto` (CUDA if available, else CPU), `cpu` or `cuda:N`."
     )
     max_new_tokens: int = Field(default=64, ge=1, le=8192, description="Tokens generated per page.")
-    batch_size: int = Field(default=4, ge=1, le=256, description="Pages per model call and slot hold.")
+    batch_size: int = Field(default=4, ge=1, le=256, description="Pages per call and hold.")
     max_input_tokens: int = Field(
         default=1536, ge=16, le=131072, description="Page tokens kept; longer pages are truncated."
     )
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Give up waiting for the slot after this long (None: wait)."
     )
     inference_timeout_seconds: float = Field(
-        default=900, gt=0, description="A batch generating longer than this fails and frees the slot."
+        default=900, gt=0, description="A batch generating longer fails and frees the slot."
     )
     oom_retries: int = Field(default=2, ge=0, le=20, description="Prefect task retries after OOM.")
     oom_retry_delay_seconds: float = Field(

@@ -1,0 +1,133 @@
+"""Flow: one PDF → extracted pages → model answers per page, with the GPU slot held per batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import ValidationError
+
+from tasks.documents import open_document
+from tasks.extract import extract_page
+from tasks.infer import infer_batch
+from tasks.report import ProgressReport, publish_summary
+from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings
+from vramflow.db import queries
+from vramflow.db.session import session_scope
+from vramflow.errors import ConfigError
+from vramflow.runs import key_parts, parse_page_range, validate_prompt
+
+
+def _run_name() -> str:
+    return f"pdf-{Path(flow_run.parameters['path']).name}"
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Environment settings with this run's parameters on top; validated like the environment."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings.model_validate({**Settings().model_dump(), **values})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+@flow(
+    name="process-pdf",
+    flow_run_name=_run_name,
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=8),
+)
+def process_pdf(
+    path: str,
+    prompt: str = DEFAULT_PROMPT,
+    model: str = DEFAULT_MODEL,
+    max_new_tokens: int = 64,
+    batch_size: int = 4,
+    password: str | None = None,
+    pages: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run `prompt` over the pages of the PDF at `path`; `pages` like "1-5,8" limits the range."""
+    logger = get_run_logger()
+    settings = build_settings(
+        prompt=prompt, model=model, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    validate_prompt(settings)
+    document_id, page_count = open_document(path, password, settings)
+    numbers = parse_page_range(pages, page_count)
+    key = queries.ResultKey(document_id, *key_parts(settings))
+    with session_scope(settings.resolved_database_url) as session:
+        extracted = queries.extracted_pages(session, document_id)
+        already = set() if force else queries.done_pages(session, key) & set(numbers)
+    todo = [n for n in numbers if n not in already]
+    if already:
+        logger.info(
+            "%d of %d pages already done for this model and prompt: skipped",
+            len(already),
+            len(numbers),
+        )
+    report = ProgressReport(Path(path).name, len(todo))
+    infer = infer_batch.with_options(
+        retries=settings.oom_retries, retry_delay_seconds=settings.oom_retry_delay_seconds
+    )
+    batches = []
+    for start in range(0, len(todo), settings.batch_size):
+        batch = todo[start : start + settings.batch_size]
+        # Submitting each batch right after its pages' extraction lets inference of early
+        # batches overlap extraction of later ones.
+        extracts = [
+            extract_page.submit(document_id, path, n, password, settings)
+            for n in batch
+            if n not in extracted
+        ]
+        batches.append(
+            (batch, infer.submit(document_id, batch, settings, force, wait_for=extracts))
+        )
+    for batch, future in batches:
+        state = future.wait() or future.state
+        if state.is_failed():
+            logger.error("pages %s failed: %s", batch, state.message)
+        report.advance(len(batch))
+    return finish_document(settings, key, path, len(already))
+
+
+def finish_document(
+    settings: Settings, key: queries.ResultKey, path: str, already_done: int
+) -> dict[str, Any]:
+    """Set the document's status from its rows and publish the summary artifacts."""
+    run_id = flow_run.id
+    with session_scope(settings.resolved_database_url) as session:
+        counts = queries.document_counts(session, key)
+        failed = counts["failed"] + counts["extract_failed"]
+        status = (
+            "done" if not failed else ("partial" if counts["ok"] or counts["no_text"] else "failed")
+        )
+        queries.set_document_status(session, key.document_id, status)
+        summary = queries.run_summary(session, key, run_id)
+        errors = queries.page_errors(session, key)
+        sha = session.get(queries.Document, key.document_id).sha256
+    summary.update(
+        file=Path(path).name,
+        document_id=key.document_id,
+        status=status,
+        flow_run_id=run_id,
+        pages_ok=counts["ok"],
+        pages_failed=failed,
+        pages_no_text=counts["no_text"],
+        pages_already_done=already_done,
+        errors=errors,
+    )
+    publish_summary(summary, sha)
+    get_run_logger().info(
+        "%s: %s (%d ok, %d failed, %d without text)",
+        summary["file"],
+        status,
+        counts["ok"],
+        failed,
+        counts["no_text"],
+    )
+    return summary

@@ -1,0 +1,36 @@
+"""Prefect task: extract one page's text (pypdf, in a worker process) and store it."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from vramflow import pdf
+from vramflow.config import Settings
+from vramflow.db import queries
+from vramflow.db.session import session_scope
+
+
+@task(name="extract-page", cache_policy=NO_CACHE, task_run_name="extract page {page_number}")
+def extract_page(
+    document_id: int, path: str, page_number: int, password: str | None, settings: Settings
+) -> str:
+    """Returns the page status (ok, no_text, failed); a bad page never fails the task."""
+    page = pdf.extract_page(path, page_number, password, timeout_s=settings.page_timeout_seconds)
+    with session_scope(settings.resolved_database_url) as session:
+        queries.record_page(
+            session,
+            document_id,
+            page_number=page_number,
+            text=page.text,
+            chars=page.chars,
+            extract_seconds=page.extract_seconds,
+            status=page.status,
+            error_type=page.error_type,
+            error_message=page.error_message,
+        )
+    if page.status == "failed":
+        get_run_logger().warning(
+            "page %d: %s: %s", page_number, page.error_type, page.error_message
+        )
+    return page.status

@@ -1,0 +1,131 @@
+"""Prefect task: run a batch of pages through the model while holding the device's GPU slot."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import datetime, timezone
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks.gpu_slot import gpu_slot
+from tasks.recording import store_call
+from vramflow import gpu, models
+from vramflow.config import Settings
+from vramflow.db import queries
+from vramflow.db.session import session_scope
+from vramflow.errors import InferenceOOMError
+from vramflow.faults import injector_for
+from vramflow.inference import GenerationSettings, PageInput, run_batch
+from vramflow.runs import generation_settings_json, key_parts
+
+
+def retry_only_oom(task, task_run, state) -> bool:
+    """Prefect retries the task only when it failed with an out-of-memory error."""
+    try:
+        state.result()
+    except InferenceOOMError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _claim_pages(
+    document_id: int, pages: list[int], settings: Settings, force: bool, run_id: str | None
+):
+    """Pages of this batch still to do: not done already (with `force`: not done by this run,
+    so a Prefect retry does not redo what its first try finished)."""
+    key = queries.ResultKey(document_id, *key_parts(settings))
+    with session_scope(settings.resolved_database_url) as session:
+        done = queries.done_pages(session, key, only_run=run_id if force else None)
+        todo = [p for p in pages if p not in done]
+        texts = queries.page_texts(session, document_id, todo)
+        wanted = {"ok"} if settings.skip_no_text else {"ok", "no_text"}
+        todo = [p for p in todo if p in texts and texts[p].status in wanted]
+        inputs = [PageInput(p, texts[p].text) for p in todo]
+        ids = queries.start_results(
+            session, key, todo, settings.prompt, generation_settings_json(settings), run_id
+        )
+    return inputs, ids
+
+
+@task(
+    name="infer-batch",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_only_oom,
+    task_run_name="infer pages {pages}",
+)
+def infer_batch(
+    document_id: int, pages: list[int], settings: Settings, force: bool = False
+) -> dict[str, int]:
+    """Generate answers for `pages`; the weights are on the GPU only while the slot is held."""
+    logger, run_id = get_run_logger(), flow_run.id
+    inputs, result_ids = _claim_pages(document_id, pages, settings, force, run_id)
+    if not inputs:
+        return {"ok": 0, "failed": 0}
+    device = gpu.resolve_device(settings.device)
+    loaded = models.load_model(settings.model, settings.model_cache_dir)
+    cfg = GenerationSettings(
+        settings.prompt,
+        device,
+        settings.max_new_tokens,
+        settings.max_input_tokens,
+        settings.inference_timeout_seconds,
+    )
+    name, hold_id = gpu.slot_name(settings.slot_name_template, device), str(uuid.uuid4())
+    url = settings.resolved_database_url
+
+    def on_call(record) -> None:
+        with session_scope(url) as session:
+            store_call(session, record, result_ids, hold_id, hold.wait_seconds, run_id)
+        if record.outcome != "ok":
+            logger.warning("pages %s: %s: %s", record.pages, record.outcome, record.error_message)
+
+    slot = gpu_slot(
+        name,
+        size=settings.slot_size,
+        lease_seconds=settings.slot_lease_seconds,
+        wait_seconds=settings.slot_wait_seconds,
+        records_dir=settings.slot_records_dir,
+    )
+    # The model lock keeps one thread of this process using (and moving) the shared weights.
+    with loaded.lock, slot as hold:
+        logger.info("slot %s acquired after %.2f s for pages %s", name, hold.wait_seconds, pages)
+        with session_scope(url) as session:
+            queries.record_hold(
+                session,
+                hold_id=hold_id,
+                slot_name=name,
+                device=device,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                flow_run_id=run_id,
+                pages=len(inputs),
+                wait_seconds=hold.wait_seconds,
+                acquired_at=hold.acquired_at,
+            )
+        move_in = models.move_model(loaded, device)
+        try:
+            outcome = run_batch(
+                loaded, inputs, cfg, injector=injector_for(settings.inject_oom), on_call=on_call
+            )
+        finally:
+            move_out = models.move_model(loaded, "cpu")
+            gpu.free_memory(device)
+        released = datetime.now(timezone.utc)
+    logger.info("slot %s released; %d ok, %d failed", name, len(outcome.done), len(outcome.failed))
+    with session_scope(url) as session:
+        queries.finish_hold(
+            session,
+            hold_id,
+            released_at=released,
+            move_in_seconds=move_in,
+            move_out_seconds=move_out,
+        )
+    if outcome.oom_failed:
+        raise InferenceOOMError(f"out of memory on pages {outcome.oom_failed} even one at a time")
+    return {"ok": len(outcome.done), "failed": len(outcome.failed)}

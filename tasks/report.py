@@ -1,0 +1,67 @@
+"""What a flow run shows in the Prefect UI: a progress artifact and a summary table."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from vramflow import progress
+
+
+class ProgressReport:
+    """A progress artifact for one document, also published to in-process listeners."""
+
+    def __init__(self, document: str, planned: int) -> None:
+        self.document, self.planned, self.finished = document, planned, 0
+        self.artifact_id: UUID = create_progress_artifact(
+            progress=0.0, description=f"Pages of {document} through the model"
+        )
+        progress.publish(document, 0, planned)
+
+    def advance(self, pages: int) -> None:
+        self.finished += pages
+        share = 100.0 * self.finished / self.planned if self.planned else 100.0
+        update_progress_artifact(self.artifact_id, progress=share)
+        progress.publish(self.document, self.finished, self.planned)
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def publish_summary(summary: dict[str, Any], sha256: str) -> None:
+    """A summary table (one row per figure) keyed by document, so runs of it line up."""
+    rows = [
+        {"figure": "status", "value": summary["status"]},
+        {"figure": "pages ok", "value": summary["pages_ok"]},
+        {"figure": "pages failed", "value": summary["pages_failed"]},
+        {"figure": "pages without text", "value": summary["pages_no_text"]},
+        {"figure": "pages already done", "value": summary["pages_already_done"]},
+        {"figure": "p50 page latency", "value": _secs(summary["p50_page_seconds"])},
+        {"figure": "p95 page latency", "value": _secs(summary["p95_page_seconds"])},
+        {"figure": "peak VRAM (torch)", "value": _mib(summary["peak_vram_bytes"])},
+        {"figure": "peak RSS", "value": _mib(summary["peak_rss_bytes"])},
+        {"figure": "waiting for the GPU slot", "value": _secs(summary["slot_wait_seconds"])},
+        {"figure": "OOM retries", "value": summary["oom_attempts"]},
+    ]
+    create_table_artifact(
+        table=rows,
+        key=f"vramflow-summary-{sha256[:16]}",
+        description=f"vramflow summary for {summary['file']}",
+    )
+    if summary.get("errors"):
+        lines = "\n".join(f"- page {p}: {e}" for p, e in summary["errors"][:50])
+        create_markdown_artifact(
+            markdown=f"## Page errors\n{lines}", description=f"Page errors of {summary['file']}"
+        )

@@ -1,0 +1,288 @@
+"""The `vramflow` command: run PDFs through the pipeline, show stored answers, summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings
+from vramflow.errors import VramflowError
+
+app = typer.Typer(
+    help="Per-page transformer inference over PDFs, one GPU slot at a time.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+err = Console(stderr=True)
+
+# Server settings vramflow relies on; they reach Prefect's temporary local server, which
+# inherits this environment. A real server needs them set where it runs (see README).
+PREFECT_SERVER_DEFAULTS = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    ),
+    "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+}
+
+
+def _prepare_prefect(verbose: bool) -> None:
+    for name, value in PREFECT_SERVER_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+@app.command()
+def run(
+    files: Annotated[list[Path], typer.Argument(help="PDF files to process.")],
+    prompt: Annotated[
+        str, typer.Option(help="Instruction applied to every page.")
+    ] = DEFAULT_PROMPT,
+    model: Annotated[
+        str, typer.Option(help="Packaged default, HF id, folder or .gguf.")
+    ] = DEFAULT_MODEL,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per page.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Pages per model call and slot hold.")] = 4,
+    pages: Annotated[str | None, typer.Option(help="Page range, e.g. '1-5,8'.")] = None,
+    password: Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")] = None,
+    force: Annotated[bool, typer.Option(help="Redo pages already done.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect logs.")] = False,
+) -> None:
+    """Run the model over every page of FILES and store the answers.
+
+    Example: vramflow run report.pdf --prompt "Summarise this page in two sentences."
+    """
+    _prepare_prefect(verbose)
+    from flows.process_pdf import process_pdf
+    from vramflow import progress
+
+    summaries, failures = [], 0
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(document: str, finished: int, planned: int) -> None:
+            if document not in tasks:
+                tasks[document] = bar.add_task(document, total=planned or 1)
+            bar.update(tasks[document], completed=finished if planned else 1)
+
+        progress.subscribe(on_progress)
+        try:
+            for file in files:
+                started = time.perf_counter()
+                try:
+                    summary = process_pdf(
+                        path=str(file),
+                        prompt=prompt,
+                        model=model,
+                        max_new_tokens=max_new_tokens,
+                        batch_size=batch_size,
+                        password=password,
+                        pages=pages,
+                        force=force,
+                    )
+                except VramflowError as exc:
+                    failures += 1
+                    summary = {"file": file.name, "status": "failed", "error": str(exc)}
+                summary["wall_seconds"] = time.perf_counter() - started
+                summaries.append(summary)
+        finally:
+            progress.unsubscribe(on_progress)
+    _print_run_summary(summaries)
+    if failures or any(s.get("status") != "done" for s in summaries):
+        raise typer.Exit(1)
+
+
+def _print_run_summary(summaries: list[dict[str, Any]]) -> None:
+    table = Table(title="vramflow run")
+    for column in (
+        "document",
+        "status",
+        "ok",
+        "failed",
+        "no text",
+        "already done",
+        "pages/s",
+        "peak VRAM",
+        "peak RSS",
+        "slot wait",
+    ):
+        table.add_column(column)
+    for s in summaries:
+        if "error" in s:
+            table.add_row(s["file"], "failed", *["-"] * 8)
+            continue
+        rate = s["pages_inferred"] / s["wall_seconds"] if s["wall_seconds"] else 0.0
+        table.add_row(
+            s["file"],
+            s["status"],
+            str(s["pages_ok"]),
+            str(s["pages_failed"]),
+            str(s["pages_no_text"]),
+            str(s["pages_already_done"]),
+            f"{rate:.2f}",
+            _mib(s["peak_vram_bytes"]),
+            _mib(s["peak_rss_bytes"]),
+            f"{s['slot_wait_seconds']:.1f} s",
+        )
+    console.print(table)
+    for s in summaries:
+        if "error" in s:
+            console.print(f"[red]{s['file']}[/red]: {s['error']}")
+        elif s["pages_inferred"] == 0 and s["pages_already_done"]:
+            console.print(
+                f"{s['file']}: all {s['pages_already_done']} pages already done "
+                "for this model and prompt (use --force to redo them)"
+            )
+        for page, error in s.get("errors", [])[:10]:
+            console.print(f"{s['file']} page {page}: {error}")
+
+
+@app.command()
+def show(
+    document: Annotated[str, typer.Argument(help="PDF file, sha256 prefix or file name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per page.")] = False,
+    model: Annotated[str | None, typer.Option(help="Only results of this model.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Only results of this prompt.")] = None,
+) -> None:
+    """Print a document's stored answers page by page.
+
+    Example: vramflow show report.pdf --json
+    """
+    from vramflow import pdf
+    from vramflow.db import reports
+    from vramflow.db.schema import ensure_schema
+    from vramflow.db.session import session_scope
+    from vramflow.models import model_identity
+    from vramflow.runs import _sha
+
+    settings = Settings()
+    ensure_schema(settings.resolved_database_url)
+    path = Path(document)
+    sha = pdf.file_sha256(path) if path.is_file() else None
+    with session_scope(settings.resolved_database_url) as session:
+        found = reports.find_documents(session, document, sha)
+        if not found:
+            raise VramflowError(f"no stored document matches {document!r}")
+        for doc in found:
+            rows = reports.page_rows(
+                session,
+                doc,
+                model_identity(model) if model else None,
+                _sha(prompt) if prompt else None,
+            )
+            _print_document(doc, rows, as_json)
+
+
+def _print_document(doc: Any, rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        for row in rows:
+            sys.stdout.write(
+                json.dumps(
+                    {"document": doc.file_name, "sha256": doc.sha256, **row}, ensure_ascii=False
+                )
+                + "\n"
+            )
+        return
+    console.rule(f"{doc.file_name} ({doc.status}, {doc.page_count or 0} pages)")
+    if doc.error_message:
+        console.print(f"[red]{doc.error_type}: {doc.error_message}[/red]")
+    for row in rows:
+        head = f"[bold]page {row['page']}[/bold] [{row['status']}]"
+        body = row["output"] or row["error"] or ""
+        console.print(f"{head} {body}", highlight=False)
+
+
+@app.command()
+def stats(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row.")] = False,
+) -> None:
+    """Summarise pages, inference time and memory per document and model.
+
+    Example: vramflow stats
+    """
+    from vramflow.db import reports
+    from vramflow.db.schema import ensure_schema
+    from vramflow.db.session import session_scope
+
+    settings = Settings()
+    ensure_schema(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as session:
+        rows = reports.stats_rows(session)
+        rss = reports.peak_rss(session)
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    table = Table(title=f"vramflow stats (peak RSS of any call: {_mib(rss)})")
+    for column in ("document", "status", "model", "pages", "ok", "failed", "s/page", "peak VRAM"):
+        table.add_column(column)
+    for r in rows:
+        per_page = r["infer_seconds"] / r["ok"] if r["ok"] else 0.0
+        table.add_row(
+            r["document"],
+            r["status"],
+            Path(r["model"]).name,
+            str(r["pages"]),
+            str(r["ok"]),
+            str(r["failed"]),
+            f"{per_page:.2f}",
+            _mib(r["peak_vram_bytes"]),
+        )
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the current version.
+
+    Example: VRAMFLOW_DATABASE_URL=postgresql+psycopg://vf@db/vramflow vramflow db upgrade
+    """
+    from vramflow.db.schema import ensure_schema
+
+    settings = Settings()
+    ensure_schema(settings.resolved_database_url)
+    console.print(f"database at {settings.resolved_database_url} is up to date")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except VramflowError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,214 @@
+"""Queries as plain functions over a Session. Writes are upserts on unique keys, so concurrent
+flow runs never duplicate a row and a re-run updates in place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from vramflow.db.models import Attempt, Base, Document, Page, Result, SlotHold, utcnow
+
+
+@dataclass(frozen=True)
+class ResultKey:
+    """The idempotence key of a result, less the page number."""
+
+    document_id: int
+    model_id: str
+    prompt_hash: str
+    settings_hash: str
+
+    def where(self):
+        return (
+            Result.document_id == self.document_id,
+            Result.model_id == self.model_id,
+            Result.prompt_hash == self.prompt_hash,
+            Result.settings_hash == self.settings_hash,
+        )
+
+
+def upsert(session: Session, model: type[Base], values: dict[str, Any], keys: Sequence[str]):
+    """INSERT ... ON CONFLICT (keys) DO UPDATE on SQLite and PostgreSQL alike."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(model).values(**values)
+    changed = {k: stmt.excluded[k] for k in values if k not in keys}
+    if "updated_at" in model.__table__.c:
+        changed["updated_at"] = utcnow()
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=changed)
+    session.execute(stmt)
+
+
+def record_document(session: Session, **values: Any) -> int:
+    """Create or refresh the document row for a sha256; returns its id."""
+    upsert(session, Document, values, ["sha256"])
+    return session.scalar(select(Document.id).where(Document.sha256 == values["sha256"]))
+
+
+def set_document_status(session: Session, document_id: int, status: str, **error: Any) -> None:
+    values = {"status": status, "error_type": None, "error_message": None, **error}
+    session.execute(update(Document).where(Document.id == document_id).values(**values))
+
+
+def find_document(session: Session, sha256: str) -> Document | None:
+    return session.scalar(select(Document).where(Document.sha256 == sha256))
+
+
+def record_page(session: Session, document_id: int, **values: Any) -> None:
+    upsert(session, Page, {"document_id": document_id, **values}, ["document_id", "page_number"])
+
+
+def extracted_pages(session: Session, document_id: int) -> set[int]:
+    """Pages already extracted (ok or no_text); failed ones are tried again."""
+    rows = session.scalars(
+        select(Page.page_number).where(
+            Page.document_id == document_id, Page.status.in_(("ok", "no_text"))
+        )
+    )
+    return set(rows)
+
+
+def page_texts(session: Session, document_id: int, numbers: Iterable[int]) -> dict[int, Page]:
+    rows = session.scalars(
+        select(Page).where(Page.document_id == document_id, Page.page_number.in_(list(numbers)))
+    )
+    return {row.page_number: row for row in rows}
+
+
+def done_pages(session: Session, key: ResultKey, only_run: str | None = None) -> set[int]:
+    """Pages whose result under `key` is already ok (by flow run `only_run`, if given)."""
+    query = select(Result.page_number).where(*key.where(), Result.status == "ok")
+    if only_run is not None:
+        query = query.where(Result.flow_run_id == only_run)
+    return set(session.scalars(query))
+
+
+def start_results(
+    session: Session,
+    key: ResultKey,
+    pages: Sequence[int],
+    prompt: str,
+    settings_json: str,
+    flow_run_id: str | None,
+) -> dict[int, int]:
+    """Mark the pages' results as running (creating them); returns page → result id."""
+    for page in pages:
+        values = {
+            "document_id": key.document_id,
+            "page_number": page,
+            "model_id": key.model_id,
+            "prompt_hash": key.prompt_hash,
+            "settings_hash": key.settings_hash,
+            "prompt": prompt,
+            "settings_json": settings_json,
+            "status": "running",
+            "flow_run_id": flow_run_id,
+        }
+        upsert(
+            session,
+            Result,
+            values,
+            ["document_id", "page_number", "model_id", "prompt_hash", "settings_hash"],
+        )
+    rows = session.execute(
+        select(Result.page_number, Result.id).where(*key.where(), Result.page_number.in_(pages))
+    )
+    return dict(rows.tuples())
+
+
+def record_attempts(session: Session, attempts: Sequence[dict[str, Any]]) -> None:
+    """Store attempts and count them on their results."""
+    for attempt in attempts:
+        session.add(Attempt(**attempt))
+        session.execute(
+            update(Result)
+            .where(Result.id == attempt["result_id"])
+            .values(attempts=Result.attempts + 1)
+        )
+
+
+def finish_result(session: Session, result_id: int, **values: Any) -> None:
+    session.execute(update(Result).where(Result.id == result_id).values(**values))
+
+
+def record_hold(session: Session, **values: Any) -> None:
+    session.add(SlotHold(**values))
+
+
+def finish_hold(session: Session, hold_id: str, **values: Any) -> None:
+    session.execute(update(SlotHold).where(SlotHold.hold_id == hold_id).values(**values))
+
+
+def document_counts(session: Session, key: ResultKey) -> dict[str, int]:
+    """Pages by outcome for one document and key: ok, failed, no_text, extract_failed."""
+    counts = dict(
+        session.execute(
+            select(Result.status, func.count()).where(*key.where()).group_by(Result.status)
+        ).tuples()
+    )
+    page_counts = dict(
+        session.execute(
+            select(Page.status, func.count())
+            .where(Page.document_id == key.document_id)
+            .group_by(Page.status)
+        ).tuples()
+    )
+    return {
+        "ok": counts.get("ok", 0),
+        "failed": counts.get("failed", 0) + counts.get("running", 0),
+        "no_text": page_counts.get("no_text", 0),
+        "extract_failed": page_counts.get("failed", 0),
+    }
+
+
+def run_summary(session: Session, key: ResultKey, flow_run_id: str | None) -> dict[str, Any]:
+    """Latency percentiles, peak memory, slot waiting and OOM retries of one flow run."""
+    latencies = sorted(
+        session.scalars(
+            select(Result.infer_seconds).where(
+                *key.where(), Result.status == "ok", Result.flow_run_id == flow_run_id
+            )
+        )
+    )
+    attempts = (
+        select(Attempt)
+        .join(Result, Attempt.result_id == Result.id)
+        .where(*key.where(), Attempt.flow_run_id == flow_run_id)
+    )
+    rows = session.scalars(attempts).all()
+    holds = session.scalars(select(SlotHold).where(SlotHold.flow_run_id == flow_run_id)).all()
+
+    def pct(q: float) -> float | None:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
+
+    vram = [r.torch_max_allocated_bytes for r in rows if r.torch_max_allocated_bytes is not None]
+    return {
+        "pages_inferred": len(latencies),
+        "p50_page_seconds": pct(0.50),
+        "p95_page_seconds": pct(0.95),
+        "peak_vram_bytes": max(vram) if vram else None,
+        "peak_rss_bytes": max((r.rss_bytes or 0 for r in rows), default=None) or None,
+        "slot_wait_seconds": sum(h.wait_seconds for h in holds),
+        "slot_holds": len(holds),
+        "oom_attempts": len({r.call_id for r in rows if r.outcome == "oom"}),
+    }
+
+
+def page_errors(session: Session, key: ResultKey) -> list[tuple[int, str]]:
+    """(page, "Type: message") for failed extractions and failed results, by page."""
+    extraction = session.execute(
+        select(Page.page_number, Page.error_type, Page.error_message).where(
+            Page.document_id == key.document_id, Page.status == "failed"
+        )
+    ).tuples()
+    inference = session.execute(
+        select(Result.page_number, Result.error_type, Result.error_message).where(
+            *key.where(), Result.status == "failed"
+        )
+    ).tuples()
+    return sorted((page, f"{kind}: {message}") for page, kind, message in [*extraction, *inference])

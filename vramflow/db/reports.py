@@ -1,0 +1,123 @@
+"""Read-side queries for `vramflow show` and `vramflow stats`."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Integer, func, select
+from sqlalchemy.orm import Session
+
+from vramflow.db.models import Attempt, Document, Page, Result
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite drops the zone; we always store UTC
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def find_documents(session: Session, ref: str, sha256: str | None) -> list[Document]:
+    """Documents matching a file's hash, else a sha256 prefix, else a file name."""
+    if sha256:
+        return list(session.scalars(select(Document).where(Document.sha256 == sha256)))
+    by_sha = select(Document).where(Document.sha256.startswith(ref.lower()))
+    found = list(session.scalars(by_sha)) if len(ref) >= 6 else []
+    return found or list(session.scalars(select(Document).where(Document.file_name == ref)))
+
+
+def page_rows(
+    session: Session,
+    document: Document,
+    model_id: str | None = None,
+    prompt_hash: str | None = None,
+) -> list[dict[str, Any]]:
+    """One dict per page: the newest matching result, or the page's own status."""
+    results: dict[int, Result] = {}
+    query = select(Result).where(Result.document_id == document.id).order_by(Result.updated_at)
+    if model_id:
+        query = query.where(Result.model_id == model_id)
+    if prompt_hash:
+        query = query.where(Result.prompt_hash == prompt_hash)
+    for result in session.scalars(query):
+        results[result.page_number] = result  # ordered by time: the newest wins
+    pages = {
+        p.page_number: p
+        for p in session.scalars(select(Page).where(Page.document_id == document.id))
+    }
+    rows = []
+    for number in sorted(set(pages) | set(results)):
+        page, result = pages.get(number), results.get(number)
+        rows.append(_page_row(number, page, result))
+    return rows
+
+
+def _page_row(number: int, page: Page | None, result: Result | None) -> dict[str, Any]:
+    status = result.status if result else (page.status if page else "pending")
+    if result is None and page is not None and page.status == "ok":
+        status = "pending"  # extracted, not yet through the model
+    error = None
+    if result is not None and result.error_message:
+        error = f"{result.error_type}: {result.error_message}"
+    elif page is not None and page.error_message:
+        error = f"{page.error_type}: {page.error_message}"
+    return {
+        "page": number,
+        "status": status,
+        "output": result.output if result else None,
+        "error": error,
+        "chars": page.chars if page else None,
+        "model": result.model_id if result else None,
+        "prompt": result.prompt if result else None,
+        "device": result.device if result else None,
+        "attempts": result.attempts if result else 0,
+        "tokens_in": result.tokens_in if result else None,
+        "tokens_out": result.tokens_out if result else None,
+        "input_truncated": bool(result.input_truncated) if result else False,
+        "infer_started_at": _iso(result.infer_started_at) if result else None,
+        "infer_finished_at": _iso(result.infer_finished_at) if result else None,
+        "infer_seconds": result.infer_seconds if result else None,
+        "slot_wait_seconds": result.slot_wait_seconds if result else None,
+        "peak_vram_bytes": result.peak_vram_bytes if result else None,
+        "flow_run_id": result.flow_run_id if result else None,
+    }
+
+
+def stats_rows(session: Session) -> list[dict[str, Any]]:
+    """Per document and model: pages by outcome, inference time, peak memory, OOM attempts."""
+    query = (
+        select(
+            Document.file_name,
+            Document.status,
+            Result.model_id,
+            func.count(Result.id),
+            func.sum((Result.status == "ok").cast(Integer)),
+            func.sum((Result.status == "failed").cast(Integer)),
+            func.sum(Result.infer_seconds),
+            func.max(Result.peak_vram_bytes),
+        )
+        .join(Result, Result.document_id == Document.id)
+        .group_by(Document.id, Document.file_name, Document.status, Result.model_id)
+        .order_by(Document.file_name)
+    )
+    rows = []
+    for name, status, model, total, ok, failed, seconds, vram in session.execute(query):
+        rows.append(
+            {
+                "document": name,
+                "status": status,
+                "model": model,
+                "pages": total,
+                "ok": ok or 0,
+                "failed": failed or 0,
+                "infer_seconds": seconds or 0.0,
+                "peak_vram_bytes": vram,
+            }
+        )
+    return rows
+
+
+def peak_rss(session: Session) -> int | None:
+    return session.scalar(select(func.max(Attempt.rss_bytes)))

