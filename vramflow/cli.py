@@ -34,6 +34,7 @@ PREFECT_SERVER_DEFAULTS = {
         "prefect.server.concurrency.lease_storage.filesystem"
     ),
     "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 
 
@@ -119,6 +120,12 @@ def run(
         raise typer.Exit(1)
 
 
+def _peak(summary: dict[str, Any]) -> str:
+    if summary["peak_vram_bytes"] is not None:
+        return f"{_mib(summary['peak_vram_bytes'])} VRAM"
+    return "-" if summary["peak_rss_bytes"] is None else f"{_mib(summary['peak_rss_bytes'])} RSS"
+
+
 def _print_run_summary(summaries: list[dict[str, Any]]) -> None:
     table = Table(title="vramflow run")
     for column in (
@@ -136,7 +143,7 @@ def _print_run_summary(summaries: list[dict[str, Any]]) -> None:
         table.add_column(column)
     for s in summaries:
         if "error" in s:
-            table.add_row(s["file"], "failed", *["-"] * 8)
+            table.add_row(s["file"], "failed", *["-"] * 7)
             continue
         rate = s["pages_inferred"] / s["wall_seconds"] if s["wall_seconds"] else 0.0
         table.add_row(
@@ -264,11 +271,15 @@ def db_upgrade() -> None:
 
     Example: VRAMFLOW_DATABASE_URL=postgresql+psycopg://vf@db/vramflow vramflow db upgrade
     """
+    from sqlalchemy.engine import make_url
+
+    from vramflow.db.migrate import current
     from vramflow.db.schema import ensure_schema
 
-    settings = Settings()
-    ensure_schema(settings.resolved_database_url)
-    console.print(f"database at {settings.resolved_database_url} is up to date")
+    url = Settings().resolved_database_url
+    ensure_schema(url)
+    shown = make_url(url).render_as_string(hide_password=True)
+    console.print(f"database at {shown} is at revision {current(url)} (head)")
 
 
 def main() -> None:
