@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -128,47 +129,44 @@ def _peak(summary: dict[str, Any]) -> str:
 
 def _print_run_summary(summaries: list[dict[str, Any]]) -> None:
     table = Table(title="vramflow run")
-    for column in (
+    headers = (
         "document",
         "status",
         "ok",
         "failed",
         "no text",
-        "already done",
+        "done before",
         "pages/s",
-        "peak VRAM",
-        "peak RSS",
+        "peak memory",
         "slot wait",
-    ):
-        table.add_column(column)
+    )
+    for column in headers:
+        table.add_column(column, overflow="fold")
     for s in summaries:
         if "error" in s:
-            table.add_row(s["file"], "failed", *["-"] * 7)
+            table.add_row(s["file"], "failed", *["-"] * (len(headers) - 2))
             continue
         rate = s["pages_inferred"] / s["wall_seconds"] if s["wall_seconds"] else 0.0
+        counts = (s["pages_ok"], s["pages_failed"], s["pages_no_text"], s["pages_already_done"])
         table.add_row(
             s["file"],
             s["status"],
-            str(s["pages_ok"]),
-            str(s["pages_failed"]),
-            str(s["pages_no_text"]),
-            str(s["pages_already_done"]),
+            *map(str, counts),
             f"{rate:.2f}",
-            _mib(s["peak_vram_bytes"]),
-            _mib(s["peak_rss_bytes"]),
+            _peak(s),
             f"{s['slot_wait_seconds']:.1f} s",
         )
     console.print(table)
     for s in summaries:
         if "error" in s:
-            console.print(f"[red]{s['file']}[/red]: {s['error']}")
+            console.print(f"[red]{escape(s['file'])}[/red]: {escape(s['error'])}")
         elif s["pages_inferred"] == 0 and s["pages_already_done"]:
             console.print(
                 f"{s['file']}: all {s['pages_already_done']} pages already done "
                 "for this model and prompt (use --force to redo them)"
             )
         for page, error in s.get("errors", [])[:10]:
-            console.print(f"{s['file']} page {page}: {error}")
+            console.print(f"{s['file']} page {page}: {error}", markup=False)
 
 
 @app.command()
@@ -219,11 +217,10 @@ def _print_document(doc: Any, rows: list[dict[str, Any]], as_json: bool) -> None
         return
     console.rule(f"{doc.file_name} ({doc.status}, {doc.page_count or 0} pages)")
     if doc.error_message:
-        console.print(f"[red]{doc.error_type}: {doc.error_message}[/red]")
+        console.print(f"{doc.error_type}: {doc.error_message}", style="red", markup=False)
     for row in rows:
-        head = f"[bold]page {row['page']}[/bold] [{row['status']}]"
-        body = row["output"] or row["error"] or ""
-        console.print(f"{head} {body}", highlight=False)
+        body = escape(row["output"] or row["error"] or "")
+        console.print(f"[bold]page {row['page']}[/bold] ({row['status']}) {body}", highlight=False)
 
 
 @app.command()
