@@ -118,7 +118,7 @@ def start_results(
     rows = session.execute(
         select(Result.page_number, Result.id).where(*key.where(), Result.page_number.in_(pages))
     )
-    return dict(rows.tuples().all())
+    return dict(rows.all())
 
 
 def record_attempts(session: Session, attempts: Sequence[dict[str, Any]]) -> None:
@@ -149,14 +149,14 @@ def document_counts(session: Session, key: ResultKey) -> dict[str, int]:
     counts = dict(
         session.execute(
             select(Result.status, func.count()).where(*key.where()).group_by(Result.status)
-        ).tuples().all()
+        ).all()
     )
     page_counts = dict(
         session.execute(
             select(Page.status, func.count())
             .where(Page.document_id == key.document_id)
             .group_by(Page.status)
-        ).tuples().all()
+        ).all()
     )
     return {
         "ok": counts.get("ok", 0),
@@ -205,10 +205,10 @@ def page_errors(session: Session, key: ResultKey) -> list[tuple[int, str]]:
         select(Page.page_number, Page.error_type, Page.error_message).where(
             Page.document_id == key.document_id, Page.status == "failed"
         )
-    ).tuples().all()
+    ).all()
     inference = session.execute(
         select(Result.page_number, Result.error_type, Result.error_message).where(
             *key.where(), Result.status == "failed"
         )
-    ).tuples().all()
+    ).all()
     return sorted((page, f"{kind}: {message}") for page, kind, message in [*extraction, *inference])

@@ -1,0 +1,123 @@
+"""The process-pdf flow under a Prefect test harness, with a tiny model built in the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from vramflow.db.models import Attempt, Document, Page, Result, SlotHold
+from vramflow.db.session import session_scope
+from vramflow.errors import DocumentError
+
+DEMO = Path(__file__).resolve().parents[1] / "vramflow" / "demo" / "demo.pdf"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, prefect_harness):
+    """A fresh vramflow home (SQLite database) for each test; fast OOM retries."""
+    monkeypatch.setenv("VRAMFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VRAMFLOW_OOM_RETRY_DELAY_SECONDS", "0")
+    monkeypatch.setenv("VRAMFLOW_OOM_RETRIES", "1")
+    monkeypatch.delenv("VRAMFLOW_INJECT_OOM", raising=False)
+    monkeypatch.delenv("VRAMFLOW_DATABASE_URL", raising=False)
+    return f"sqlite:///{tmp_path / 'home' / 'vramflow.db'}"
+
+
+def run(model_dir: Path, **params):
+    from flows.process_pdf import process_pdf
+
+    values = {"path": str(DEMO), "model": str(model_dir), "max_new_tokens": 3, "batch_size": 4}
+    return process_pdf(**{**values, **params})
+
+
+def attempts_of(url: str, page: int) -> list[tuple[str, int]]:
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Attempt.outcome, Attempt.batch_size)
+            .join(Result, Attempt.result_id == Result.id)
+            .where(Result.page_number == page)
+            .order_by(Attempt.id)
+        )
+        return [tuple(row) for row in rows]
+
+
+def test_flow_stores_one_result_per_page_and_a_rerun_does_nothing(env, tiny_model_dir):
+    summary = run(tiny_model_dir)
+    assert summary["status"] == "done" and summary["pages_ok"] == 6
+    with session_scope(env) as session:
+        results = session.scalars(select(Result).order_by(Result.page_number)).all()
+        assert [r.page_number for r in results] == [1, 2, 3, 4, 5, 6]
+        assert all(r.status == "ok" and r.output is not None for r in results)
+        assert all(r.tokens_in > 0 and 0 < r.tokens_out <= 3 for r in results)
+        assert all(r.device == "cpu" and r.peak_vram_bytes is None for r in results)
+        assert {r.flow_run_id for r in results} == {summary["flow_run_id"]}
+        assert all(r.infer_started_at <= r.infer_finished_at for r in results)
+        holds = session.scalars(select(SlotHold)).all()
+        assert len(holds) == 2  # 6 pages in batches of 4: the slot is taken per batch
+        assert all(h.released_at is not None and h.move_in_seconds is not None for h in holds)
+        attempts_before = session.scalar(select(func.count(Attempt.id)))
+    again = run(tiny_model_dir)
+    assert again["pages_already_done"] == 6 and again["pages_inferred"] == 0
+    with session_scope(env) as session:
+        assert session.scalar(select(func.count(Attempt.id))) == attempts_before
+        assert session.scalar(select(func.count(Result.id))) == 6
+    forced = run(tiny_model_dir, force=True, pages="2")
+    assert forced["pages_inferred"] == 1
+    with session_scope(env) as session:
+        assert session.scalar(select(func.count(Result.id))) == 6  # updated in place
+
+
+def test_injected_oom_twice_splits_and_the_page_succeeds(env, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "page=3,times=2")
+    summary = run(tiny_model_dir, pages="1-4")
+    assert summary["status"] == "done" and summary["pages_ok"] == 4
+    assert attempts_of(env, 3) == [("oom", 4), ("oom", 2), ("ok", 1)]
+    assert attempts_of(env, 1) == [("oom", 4), ("ok", 2)]
+    assert summary["oom_attempts"] == 2
+
+
+def test_oom_every_time_fails_that_page_only(env, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "page=2,times=all")
+    summary = run(tiny_model_dir)
+    assert summary["status"] == "partial"
+    with session_scope(env) as session:
+        results = {r.page_number: r for r in session.scalars(select(Result))}
+        document = session.scalars(select(Document)).one()
+    assert document.status == "partial"
+    assert results[2].status == "failed" and "out of memory" in results[2].error_message
+    assert all(results[p].status == "ok" for p in (1, 3, 4, 5, 6))
+    # In the slot: 4 → 2 → 1 pages; then one Prefect task retry (VRAMFLOW_OOM_RETRIES=1).
+    assert attempts_of(env, 2) == [("oom", 4), ("oom", 2), ("oom", 1), ("oom", 1)]
+    assert results[2].attempts == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "empty"), (b"<html>not a pdf</html>", "not a PDF")],
+)
+def test_bad_file_fails_its_document_with_a_stored_message(
+    env, tiny_model_dir, tmp_path, content, message
+):
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(content)
+    with pytest.raises(DocumentError, match=message):
+        run(tiny_model_dir, path=str(bad))
+    with session_scope(env) as session:
+        document = session.scalars(select(Document)).one()
+    assert document.status == "failed" and message in document.error_message
+    summary = run(tiny_model_dir, pages="1")  # the next document is unaffected
+    assert summary["status"] in ("done", "partial") and summary["pages_ok"] == 1
+
+
+def test_pages_without_text_skip_inference(env, tiny_model_dir, tmp_path):
+    from vramflow.demo.pdfgen import write_text_pdf
+
+    pdf = write_text_pdf(tmp_path / "mixed.pdf", ["Some words here.", "", "More words."])
+    summary = run(tiny_model_dir, path=str(pdf))
+    assert summary["pages_ok"] == 2 and summary["pages_no_text"] == 1
+    with session_scope(env) as session:
+        statuses = dict(session.execute(select(Page.page_number, Page.status)).all())
+        assert statuses == {1: "ok", 2: "no_text", 3: "ok"}
+        assert session.scalar(select(func.count(Result.id))) == 2
