@@ -1,0 +1,5 @@
+"""`python -m vramflow` is the `vramflow` command."""
+
+from vramflow.cli import main
+
+main()
