@@ -36,6 +36,8 @@ PREFECT_SERVER_DEFAULTS = {
     ),
     "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server can take longer than Prefect's 20 s default to start on a busy host.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
@@ -277,6 +279,38 @@ def db_upgrade() -> None:
     ensure_schema(url)
     shown = make_url(url).render_as_string(hide_password=True)
     console.print(f"database at {shown} is at revision {current(url)} (head)")
+
+
+@app.command()
+def serve(
+    retry_schedule: Annotated[
+        bool, typer.Option(help="Switch on the nightly retry-failed schedule.")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Most flow runs at once (default: no limit).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide Prefect's logs.")] = False,
+) -> None:
+    """Serve the process-pdf, sweep-inbox and retry-failed deployments from this process.
+
+    One box, no work pool or worker: triggered and scheduled flow runs run here until Ctrl-C.
+
+    Needs a Prefect server (PREFECT_API_URL); stopping pauses the schedules until the next start.
+
+    Example: PREFECT_API_URL=http://127.0.0.1:4200/api vramflow serve
+    """
+    _prepare_prefect(not quiet)
+    from prefect import serve as serve_deployments
+    from prefect.settings import get_current_settings
+
+    from flows.deployments import deployments
+
+    if not get_current_settings().api.url:
+        raise VramflowError(
+            "vramflow serve needs a Prefect server: start one with `prefect server start` and "
+            "set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
+        )
+    serve_deployments(*deployments(retry_schedule_active=retry_schedule), limit=limit)
 
 
 def main() -> None:

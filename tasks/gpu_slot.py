@@ -1,0 +1,316 @@
+"""The GPU slot: a Prefect global concurrency limit that is never skipped and never leaks.
+
+`gpu_slot` makes sure the limit exists, is active, has the right size and does not decay before
+every acquisition (Prefect silently runs unlimited when it is missing or inactive), frees the slots
+of holders on this host that died without releasing (recorded by `vramflow.slot_records`), takes
+one slot with a lease that is renewed while held, and releases it when the block ends.
+
+Inside one process a semaphore of `size` per slot name sits in front of the server, and a lock
+lets only one thread at a time poll the server; a release in this process wakes the poller at
+once instead of after the server's Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import (
+    ConcurrencyLimitWithLeaseResponse,
+    GlobalConcurrencyLimitResponse,
+)
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import release_concurrency_slots_with_lease
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import get_current_settings
+
+from vramflow import slot_records
+from vramflow.errors import ConfigError, SlotError
+
+logger = logging.getLogger(__name__)
+
+# Longest pause between two polls of a taken slot. The server asks for up to 30 s (its
+# Retry-After), which leaves the GPU idle long after the holder in another process has left.
+_MAX_POLL_SECONDS = 2.0
+_ENSURE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class SlotHold:
+    """A held slot, as `gpu_slot` yields it."""
+
+    name: str
+    lease_id: UUID
+    wait_seconds: float
+    acquired_at: datetime
+
+
+class _Gate:
+    def __init__(self, size: int) -> None:
+        self.holders = threading.Semaphore(size)
+        self.poll = threading.Lock()
+        self.released = threading.Event()
+
+
+_gates: dict[tuple[str, int], _Gate] = {}
+_gates_lock = threading.Lock()
+
+
+def ensure_slot_limit(name: str, size: int) -> None:
+    """Create or fix the global concurrency limit `name`: active, `size` slots, no decay."""
+    with _api_errors(), get_client(sync_client=True) as client:
+        _ensure(client, name, size)
+
+
+@contextmanager
+def gpu_slot(
+    name: str,
+    *,
+    size: int = 1,
+    lease_seconds: float = 60,
+    wait_seconds: float | None = None,
+    records_dir: Path,
+) -> Iterator[SlotHold]:
+    """Hold one slot of the limit `name` (created with `size` slots if missing) for the block.
+
+    Raises `SlotError` if the Prefect API cannot be reached, the limit cannot be enforced, or no
+    slot frees up within `wait_seconds` (None: wait for as long as it takes).
+    """
+    if size < 1 or not 60 <= lease_seconds <= 86400:
+        raise ConfigError(f"slot size must be >= 1 and lease 60-86400 s: {size}, {lease_seconds}")
+    asked = time.monotonic()
+    deadline = None if wait_seconds is None else asked + wait_seconds
+    gate = _gate(name, size)
+    _wait_for(gate.holders, name, deadline)
+    try:
+        with _held(gate.poll, name, deadline):
+            lease_id = _acquire(name, size, lease_seconds, deadline, Path(records_dir), gate)
+        hold = SlotHold(name, lease_id, time.monotonic() - asked, datetime.now(timezone.utc))
+        logger.info("holding slot %s after waiting %.2f s", name, hold.wait_seconds)
+        held_since = time.monotonic()
+        try:
+            with maintain_concurrency_lease(
+                lease_id, lease_seconds, raise_on_lease_renewal_failure=True
+            ):
+                yield hold
+        finally:
+            _release(hold, Path(records_dir))
+            gate.released.set()
+            logger.info(
+                "released slot %s after holding %.2f s", name, time.monotonic() - held_since
+            )
+    finally:
+        gate.holders.release()
+
+
+def _acquire(
+    name: str,
+    size: int,
+    lease_seconds: float,
+    deadline: float | None,
+    records_dir: Path,
+    gate: _Gate,
+) -> UUID:
+    while True:
+        gate.released.clear()
+        with _api_errors(), get_client(sync_client=True) as client:
+            limit = _ensure(client, name, size)
+            _recover_dead_holders(client, limit, records_dir)
+            granted, retry_after = _try_increment(client, name, lease_seconds)
+        if granted is not None:
+            _record(records_dir, name, *granted)
+            return granted[0]
+        pause = min(retry_after, _MAX_POLL_SECONDS)
+        remaining = _remaining(deadline)
+        if remaining is not None:
+            if remaining <= 0:
+                raise SlotError(f"gave up waiting for GPU slot {name!r}: it stayed taken")
+            pause = min(pause, remaining)
+        gate.released.wait(pause)
+
+
+def _try_increment(
+    client: SyncPrefectClient, name: str, lease_seconds: float
+) -> tuple[tuple[UUID, UUID] | None, float]:
+    """One acquisition attempt: ((lease id, limit id), 0) or (None, the server's Retry-After).
+
+    One request, never cancelled half-way (a cancelled grant would leak its slot), so that the
+    caller keeps the deadline and looks for dead holders between attempts.
+    """
+    try:
+        response = client.increment_concurrency_slots_with_lease(
+            names=[name],
+            slots=1,
+            mode="concurrency",
+            lease_duration=lease_seconds,
+            holder=_current_holder(),
+        )
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 423:
+            return None, float(exc.response.headers.get("Retry-After", 1.0))
+        raise
+    granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+    if not granted.limits:
+        raise SlotError(f"the Prefect server holds no limit {name!r}; refusing to run unlimited")
+    return (granted.lease_id, granted.limits[0].id), 0.0
+
+
+def _record(records_dir: Path, name: str, lease_id: UUID, limit_id: UUID) -> None:
+    try:
+        slot_records.write_record(
+            records_dir, slot_records.current_holder(name, lease_id, limit_id)
+        )
+    except BaseException:
+        release_concurrency_slots_with_lease(lease_id)
+        raise
+
+
+def _release(hold: SlotHold, records_dir: Path) -> None:
+    # The record goes first: a record that exists always means an unreleased slot, so a holder
+    # dying between the two steps can leak its slot but never have it freed twice.
+    if not slot_records.remove_record(records_dir, hold.name, hold.lease_id):
+        logger.error("slot %s was already freed as a dead holder's; not releasing it", hold.name)
+        return
+    try:
+        with _api_errors():
+            release_concurrency_slots_with_lease(hold.lease_id)
+    except SlotError as exc:
+        logger.error("could not release slot %s (its lease will expire): %s", hold.name, exc)
+
+
+def _ensure(client: SyncPrefectClient, name: str, size: int) -> GlobalConcurrencyLimitResponse:
+    for _ in range(_ENSURE_ATTEMPTS):
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            _create(client, name, size)
+            continue
+        if limit.active and limit.limit == size and limit.slot_decay_per_second == 0:
+            return limit
+        logger.warning(
+            "fixing concurrency limit %s: active=%s, limit=%s, decay=%s; want active, %s, 0",
+            name,
+            limit.active,
+            limit.limit,
+            limit.slot_decay_per_second,
+            size,
+        )
+        fix = GlobalConcurrencyLimitUpdate(limit=size, active=True, slot_decay_per_second=0.0)
+        try:
+            client.update_global_concurrency_limit(name, fix)
+        except ObjectNotFound:
+            continue
+    raise SlotError(f"could not set up concurrency limit {name!r}: it kept changing under us")
+
+
+def _create(client: SyncPrefectClient, name: str, size: int) -> None:
+    try:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=size))
+        logger.info("created concurrency limit %s with %d slot(s)", name, size)
+    except ObjectAlreadyExists:
+        pass
+
+
+def _recover_dead_holders(
+    client: SyncPrefectClient, limit: GlobalConcurrencyLimitResponse, records_dir: Path
+) -> None:
+    for record in slot_records.claim_dead_records(records_dir, limit.name):
+        held = (datetime.now(timezone.utc) - record.acquired_at).total_seconds()
+        if get_current_settings().api.url:
+            # A real server knows every lease: releasing an expired one is a no-op.
+            client.release_concurrency_slots_with_lease(record.lease_id)
+        elif record.limit_id == limit.id:
+            # Each temporary server keeps its leases in its own memory and never expires them:
+            # the dead holder's lease is unknown here, so free its one slot by name.
+            client.release_concurrency_slots([limit.name], 1, max(held, 0.001))
+        else:
+            logger.info("dead holder of %s held a since-deleted limit; nothing to free", limit.name)
+            continue
+        logger.warning(
+            "freed slot %s of dead holder pid %d (held %.0f s)", limit.name, record.pid, held
+        )
+
+
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """Turn the Prefect client's connection and HTTP errors into one-line `SlotError`s."""
+    try:
+        yield
+    except SlotError:
+        raise
+    except Exception as exc:
+        message = _describe(exc)
+        if message is None:
+            raise
+        raise SlotError(message) from exc
+
+
+def _describe(exc: BaseException) -> str | None:
+    url = get_current_settings().api.url or "the temporary local server"
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 5:
+        chain.append(chain[-1].__cause__)
+    for error in chain:
+        if isinstance(error, httpx.TransportError):
+            kind = type(error).__name__
+            return f"cannot reach the Prefect API at {url}: is the server running? ({kind})"
+    for error in chain:
+        if isinstance(error, httpx.HTTPStatusError):
+            status = error.response.status_code
+            return f"the Prefect API at {url} answered {status}: {error.response.text[:200]}"
+    if isinstance(exc, ValueError) and "PREFECT_API_URL" in str(exc):
+        return str(exc)
+    if isinstance(exc, RuntimeError) and "ephemeral Prefect API server" in str(exc):
+        return f"the temporary local Prefect server did not start: {str(exc).splitlines()[0]}"
+    return None
+
+
+def _current_holder() -> ConcurrencyLeaseHolder | None:
+    task = TaskRunContext.get()
+    if task is not None and task.task_run is not None:
+        return ConcurrencyLeaseHolder(type="task_run", id=task.task_run.id)
+    flow = FlowRunContext.get()
+    if flow is not None and flow.flow_run is not None:
+        return ConcurrencyLeaseHolder(type="flow_run", id=flow.flow_run.id)
+    return None
+
+
+def _gate(name: str, size: int) -> _Gate:
+    with _gates_lock:
+        return _gates.setdefault((name, size), _Gate(size))
+
+
+def _wait_for(semaphore: threading.Semaphore, name: str, deadline: float | None) -> None:
+    remaining = _remaining(deadline)
+    if not semaphore.acquire(timeout=None if remaining is None else max(remaining, 0)):
+        raise SlotError(f"gave up waiting for GPU slot {name!r}: this process holds it")
+
+
+@contextmanager
+def _held(lock: threading.Lock, name: str, deadline: float | None) -> Iterator[None]:
+    remaining = _remaining(deadline)
+    if not lock.acquire(timeout=-1 if remaining is None else max(remaining, 0)):
+        raise SlotError(f"gave up waiting for GPU slot {name!r}: this process waits for it")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
