@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +76,13 @@ def process_pdf(
         retries=settings.oom_retries, retry_delay_seconds=settings.oom_retry_delay_seconds
     )
     batches = []
+    deadline = time.time() + settings.document_timeout_seconds  # extraction budget of the file
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
         # Submitting each batch right after its pages' extraction lets inference of early
         # batches overlap extraction of later ones.
         extracts = [
-            extract_page.submit(document_id, path, n, password, settings)
+            extract_page.submit(document_id, path, n, password, settings, deadline)
             for n in batch
             if n not in extracted
         ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -13,10 +15,31 @@ from vramflow.db.session import session_scope
 
 @task(name="extract-page", cache_policy=NO_CACHE, task_run_name="extract page {page_number}")
 def extract_page(
-    document_id: int, path: str, page_number: int, password: str | None, settings: Settings
+    document_id: int,
+    path: str,
+    page_number: int,
+    password: str | None,
+    settings: Settings,
+    deadline: float,
 ) -> str:
-    """Returns the page status (ok, no_text, failed); a bad page never fails the task."""
-    page = pdf.extract_page(path, page_number, password, timeout_s=settings.page_timeout_seconds)
+    """Returns the page status (ok, no_text, failed); a bad page never fails the task.
+
+    `deadline` (epoch seconds) is the document's extraction budget: pages after it fail fast.
+    """
+    budget = min(settings.page_timeout_seconds, deadline - time.time())
+    if budget <= 0:
+        page = pdf.PageText(
+            page_number,
+            "",
+            0,
+            0.0,
+            "failed",
+            "LimitExceededError",
+            f"the document's extraction time limit "
+            f"({settings.document_timeout_seconds:g} s) was reached",
+        )
+    else:
+        page = pdf.extract_page(path, page_number, password, timeout_s=budget)
     with session_scope(settings.resolved_database_url) as session:
         queries.record_page(
             session,

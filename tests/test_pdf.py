@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import re
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.corpus import CORPUS, manifest_rows, needs_corpus, row_password
 from vramflow import pdf
 from vramflow.errors import DocumentError, EncryptedPdfError, LimitExceededError, NotAPdfError
 
@@ -21,23 +21,7 @@ LIMITS = {"max_file_bytes": 64 * 1024**2, "max_pages": 5000, "timeout_s": 60.0}
 PAGE_TIMEOUT_S = 60.0
 
 
-def _corpus_dir() -> Path | None:
-    beside_repo = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-    if beside_repo.is_dir():
-        return beside_repo
-    configured = os.environ.get("VRAMFLOW_CORPUS")
-    return Path(configured) if configured and Path(configured).is_dir() else None
-
-
-CORPUS = _corpus_dir()
-needs_corpus = pytest.mark.skipif(CORPUS is None, reason="sample PDF corpus not found")
-
-
-def _manifest_rows() -> list[dict[str, str]]:
-    if CORPUS is None:
-        return []
-    with open(CORPUS / "MANIFEST.tsv", encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
+_manifest_rows = manifest_rows
 
 
 def _text_pdf(pages: list[str]) -> bytes:
@@ -107,7 +91,7 @@ def _row_id(row: dict[str, str]) -> str:
 def test_corpus_file_matches_manifest(row: dict[str, str]) -> None:
     path = CORPUS / row["file"]
     outcome = row["pypdf_outcome"]
-    password = row["password"] if row["password"] not in ("", "(empty user pw)") else None
+    password = row_password(row)
     if outcome.startswith(("OPEN_FAIL", "PAGES_FAIL")):
         expected = NotAPdfError if row["category"].startswith("not_pdf") else DocumentError
         with pytest.raises(expected) as raised:

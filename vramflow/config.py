@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     max_pages: int = Field(default=5000, ge=1, description="Documents with more pages fail.")
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longer prompts are refused.")
     document_timeout_seconds: float = Field(
-        default=600, gt=0, description="Opening a document (and counting pages) may take this long."
+        default=600, gt=0, description="Opening a document and extracting all its pages, in total."
     )
     page_timeout_seconds: float = Field(
         default=60, gt=0, description="Extracting one page may take this long; it fails alone."
