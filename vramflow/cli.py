@@ -45,7 +45,8 @@ def _prepare_prefect(verbose: bool) -> None:
     for name, value in PREFECT_SERVER_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # The run summary reports every failure in one line; Prefect would add tracebacks.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -77,8 +78,14 @@ def run(
     Example: vramflow run report.pdf --prompt "Summarise this page in two sentences."
     """
     _prepare_prefect(verbose)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from flows.process_pdf import process_pdf
     from vramflow import progress
+
+    flow = process_pdf.with_options(
+        task_runner=ThreadPoolTaskRunner(max_workers=Settings().task_workers)
+    )
 
     summaries, failures = [], 0
     with Progress(
@@ -101,7 +108,7 @@ def run(
             for file in files:
                 started = time.perf_counter()
                 try:
-                    summary = process_pdf(
+                    summary = flow(
                         path=str(file),
                         prompt=prompt,
                         model=model,
@@ -142,7 +149,8 @@ def _print_run_summary(summaries: list[dict[str, Any]]) -> None:
         "peak memory",
         "slot wait",
     )
-    for column in headers:
+    table.add_column(headers[0], no_wrap=True)
+    for column in headers[1:]:
         table.add_column(column, overflow="fold")
     for s in summaries:
         if "error" in s:
@@ -315,7 +323,8 @@ def serve(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit
+        sys.exit(code if isinstance(code, int) else 0)
     except VramflowError as exc:
         err.print(f"[red]error:[/red] {exc}")
         sys.exit(exc.exit_code)
