@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -29,6 +30,25 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware datetime stored as UTC; SQLite keeps no zone, so it is put back on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: vramflow stores only timezone-aware UTC times")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
@@ -50,7 +70,7 @@ class Document(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     error_type: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
@@ -71,7 +91,7 @@ class Page(Base):
     status: Mapped[str] = mapped_column(String(16))
     error_type: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
-    extracted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    extracted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Result(Base):
@@ -79,7 +99,14 @@ class Result(Base):
 
     __tablename__ = "results"
     __table_args__ = (
-        UniqueConstraint("document_id", "page_number", "model_id", "prompt_hash", "settings_hash"),
+        UniqueConstraint(
+            "document_id",
+            "page_number",
+            "model_id",
+            "prompt_hash",
+            "settings_hash",
+            name="uq_results_key",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -90,7 +117,7 @@ class Result(Base):
     settings_hash: Mapped[str] = mapped_column(String(64))
     prompt: Mapped[str] = mapped_column(Text)
     settings_json: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     output: Mapped[str | None] = mapped_column(Text)
     tokens_in: Mapped[int | None] = mapped_column(Integer)
     tokens_out: Mapped[int | None] = mapped_column(Integer)
@@ -99,13 +126,13 @@ class Result(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_type: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
-    infer_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    infer_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    infer_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    infer_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     infer_seconds: Mapped[float | None] = mapped_column(Float)
     slot_wait_seconds: Mapped[float | None] = mapped_column(Float)
     peak_vram_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    flow_run_id: Mapped[str | None] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
@@ -122,11 +149,11 @@ class SlotHold(Base):
     device: Mapped[str] = mapped_column(String(32))
     host: Mapped[str] = mapped_column(String(256))
     pid: Mapped[int] = mapped_column(Integer)
-    flow_run_id: Mapped[str | None] = mapped_column(String(36))
+    flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True)
     pages: Mapped[int] = mapped_column(Integer)
     wait_seconds: Mapped[float] = mapped_column(Float)
-    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     move_in_seconds: Mapped[float | None] = mapped_column(Float)
     move_out_seconds: Mapped[float | None] = mapped_column(Float)
 
@@ -140,13 +167,13 @@ class Attempt(Base):
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
     hold_id: Mapped[str | None] = mapped_column(String(36), index=True)
     call_id: Mapped[str] = mapped_column(String(36))
-    flow_run_id: Mapped[str | None] = mapped_column(String(36))
+    flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True)
     outcome: Mapped[str] = mapped_column(String(16))
     error_message: Mapped[str | None] = mapped_column(Text)
     device: Mapped[str] = mapped_column(String(32))
     batch_size: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
     infer_seconds: Mapped[float] = mapped_column(Float)
     tokens_in: Mapped[int | None] = mapped_column(Integer)
     tokens_out: Mapped[int | None] = mapped_column(Integer)

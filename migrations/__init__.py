@@ -1,0 +1,1 @@
+"""Alembic migrations of the results database (configured in code: vramflow.db.migrate)."""
