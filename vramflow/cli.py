@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-console = Console()
+# Piped output (CI logs, files) would otherwise wrap every table at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
 # Server settings vramflow relies on; they reach Prefect's temporary local server, which
@@ -255,10 +256,19 @@ def stats(
             sys.stdout.write(json.dumps(row) + "\n")
         return
     table = Table(title=f"vramflow stats (peak RSS of any call: {_mib(rss)})")
-    for column in ("document", "status", "model", "pages", "ok", "failed", "s/page", "peak VRAM"):
+    for column in (
+        "document",
+        "status",
+        "model",
+        "pages",
+        "ok",
+        "failed",
+        "model s/page",
+        "peak VRAM",
+    ):
         table.add_column(column)
     for r in rows:
-        per_page = r["infer_seconds"] / r["ok"] if r["ok"] else 0.0
+        per_page = r["model_seconds"] / r["ok"] if r["ok"] else 0.0
         table.add_row(
             r["document"],
             r["status"],

@@ -86,16 +86,16 @@ def _page_row(number: int, page: Page | None, result: Result | None) -> dict[str
 
 
 def stats_rows(session: Session) -> list[dict[str, Any]]:
-    """Per document and model: pages by outcome, inference time, peak memory, OOM attempts."""
+    """Per document and model: pages by outcome, model time, peak VRAM."""
     query = (
         select(
+            Document.id,
             Document.file_name,
             Document.status,
             Result.model_id,
             func.count(Result.id),
             func.sum((Result.status == "ok").cast(Integer)),
             func.sum((Result.status == "failed").cast(Integer)),
-            func.sum(Result.infer_seconds),
             func.max(Result.peak_vram_bytes),
         )
         .join(Result, Result.document_id == Document.id)
@@ -103,7 +103,7 @@ def stats_rows(session: Session) -> list[dict[str, Any]]:
         .order_by(Document.file_name)
     )
     rows = []
-    for name, status, model, total, ok, failed, seconds, vram in session.execute(query):
+    for doc_id, name, status, model, total, ok, failed, vram in session.execute(query):
         rows.append(
             {
                 "document": name,
@@ -112,11 +112,27 @@ def stats_rows(session: Session) -> list[dict[str, Any]]:
                 "pages": total,
                 "ok": ok or 0,
                 "failed": failed or 0,
-                "infer_seconds": seconds or 0.0,
+                "model_seconds": _model_seconds(session, doc_id, model),
                 "peak_vram_bytes": vram,
             }
         )
     return rows
+
+
+def _model_seconds(session: Session, document_id: int, model_id: str) -> float:
+    """Time in successful model calls; a batch's call counts once, not once per page."""
+    calls = (
+        select(func.max(Attempt.infer_seconds).label("seconds"))
+        .join(Result, Attempt.result_id == Result.id)
+        .where(
+            Result.document_id == document_id,
+            Result.model_id == model_id,
+            Attempt.outcome == "ok",
+        )
+        .group_by(Attempt.call_id)
+        .subquery()
+    )
+    return float(session.scalar(select(func.coalesce(func.sum(calls.c.seconds), 0.0))))
 
 
 def peak_rss(session: Session) -> int | None:
