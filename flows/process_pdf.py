@@ -51,11 +51,19 @@ def process_pdf(
     password: str | None = None,
     pages: str | None = None,
     force: bool = False,
+    max_input_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Run `prompt` over the pages of the PDF at `path`; `pages` like "1-5,8" limits the range."""
+    """Run `prompt` over the pages of the PDF at `path`; `pages` like "1-5,8" limits the range.
+
+    `max_input_tokens` (default VRAMFLOW_MAX_INPUT_TOKENS) truncates longer pages.
+    """
     logger = get_run_logger()
     settings = build_settings(
-        prompt=prompt, model=model, max_new_tokens=max_new_tokens, batch_size=batch_size
+        prompt=prompt,
+        model=model,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_input_tokens=max_input_tokens,
     )
     validate_prompt(settings)
     document_id, page_count = open_document(path, password, settings)

@@ -80,14 +80,18 @@ class Settings(BaseSettings):
     task_workers: int = Field(
         default=8, ge=1, le=256, description="Threads of a flow's task runner."
     )
-    inbox: Path = Field(
-        default=Path("~/.vramflow/inbox"), description="Folder the sweep-inbox flow scans."
+    inbox: Path | None = Field(
+        default=None, description="Folder the sweep-inbox flow scans; default: `home`/inbox."
     )
 
     @field_validator("home", "inbox")
     @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def inbox_dir(self) -> Path:
+        return self.inbox or self.home / "inbox"
 
     @property
     def resolved_database_url(self) -> str:

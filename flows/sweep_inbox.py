@@ -1,0 +1,71 @@
+"""Flow: process every PDF in the inbox folder that no run has finished yet, one subflow each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.process_pdf import build_settings, process_pdf
+from tasks.inbox import scan_inbox
+from tasks.outcomes import Outcome, outcome_of_run, publish_outcomes
+from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT
+from vramflow.runs import validate_prompt
+
+
+def _run_name() -> str:
+    inbox = flow_run.parameters.get("inbox")
+    return f"sweep-{Path(inbox).name if inbox else 'inbox'}"
+
+
+@flow(name="sweep-inbox", flow_run_name=_run_name, log_prints=True)
+def sweep_inbox(
+    inbox: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    model: str = DEFAULT_MODEL,
+    max_new_tokens: int = 64,
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """Run `process-pdf` on each new *.pdf in the inbox; files whose bytes were already processed
+    with this model, prompt and generation settings are skipped, whatever their name.
+
+    Args:
+        inbox: Folder to scan (default: VRAMFLOW_INBOX on the worker, else VRAMFLOW_HOME/inbox).
+        prompt: Instruction applied to every page.
+        model: The packaged default, a Hugging Face id, a local folder or a .gguf file.
+        max_new_tokens: Tokens generated per page.
+        batch_size: Pages per model call and GPU slot hold.
+    """
+    settings = build_settings(
+        inbox=inbox,
+        prompt=prompt,
+        model=model,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    validate_prompt(settings)
+    outcomes = []
+    for file in scan_inbox(str(settings.inbox_dir), settings):
+        if file.status != "new":
+            outcomes.append(Outcome(file.name, "skipped", f"{file.status}: {file.detail}"))
+            continue
+        state = process_pdf(
+            path=file.path,
+            prompt=settings.prompt,
+            model=settings.model,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            return_state=True,
+        )
+        outcomes.append(outcome_of_run(file.name, state))
+    summary = publish_outcomes(f"Sweep of {settings.inbox_dir}", "vramflow-sweep-inbox", outcomes)
+    get_run_logger().info(
+        "sweep of %s: %d processed, %d skipped, %d failed",
+        settings.inbox_dir,
+        len(summary["processed"]),
+        len(summary["skipped"]),
+        len(summary["failed"]),
+    )
+    return summary

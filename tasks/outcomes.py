@@ -1,0 +1,51 @@
+"""What an operations flow did with each document, as a return value and as artifacts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import State
+
+OUTCOMES = ("processed", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One document's fate: processed, skipped or failed, and why."""
+
+    file: str
+    outcome: str
+    detail: str = ""
+    flow_run_id: str | None = None
+
+
+def outcome_of_run(file: str, state: State) -> Outcome:
+    """Read a `process-pdf` subflow's final state: done or partial counts as processed."""
+    run_id = str(state.state_details.flow_run_id or "") or None
+    if not state.is_completed():
+        first_line = next(iter((state.message or "").splitlines()), "")
+        return Outcome(file, "failed", f"{state.name}: {first_line}"[:300], run_id)
+    try:
+        summary = state.result()
+    except Exception as exc:  # the result may not be readable in another process
+        return Outcome(file, "processed", f"result unreadable: {exc}"[:300], run_id)
+    status = summary.get("status", "?") if isinstance(summary, dict) else "?"
+    detail = f"{status}: {summary.get('pages_ok', 0)} ok, {summary.get('pages_failed', 0)} failed"
+    return Outcome(file, "failed" if status == "failed" else "processed", detail, run_id)
+
+
+def publish_outcomes(title: str, key: str, outcomes: list[Outcome]) -> dict[str, Any]:
+    """A table artifact (one row per document) and a markdown summary; returns
+    {"processed": [names], "skipped": [names], "failed": [names], "outcomes": [dicts]}."""
+    names = {kind: [o.file for o in outcomes if o.outcome == kind] for kind in OUTCOMES}
+    counts = ", ".join(f"{len(names[kind])} {kind}" for kind in OUTCOMES)
+    if outcomes:
+        create_table_artifact(
+            table=[asdict(o) for o in outcomes], key=key, description=f"{title}: {counts}"
+        )
+    lines = [f"## {title}", "", counts, ""]
+    lines += [f"- **{o.outcome}** `{o.file}` {o.detail}".rstrip() for o in outcomes]
+    create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-summary", description=counts)
+    return {**names, "outcomes": [asdict(o) for o in outcomes]}

@@ -1,0 +1,311 @@
+"""Deployments end to end, the way an operator runs vramflow.
+
+One real `prefect server start` (the session's), the `vramflow-gpu` process pool, `prefect
+--no-prompt deploy --all` from the repository root, and one `prefect worker start` whose flow
+runs write to a temporary SQLite database. Runs are triggered through the REST API; results are
+checked in the database, artifacts through the API. About 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from tests.support.corpus import CORPUS, needs_corpus
+from tests.support.process_tree import stop_process_tree
+from tests.support.servers import REPO_ROOT, PrefectServer, clean_env, tail
+from vramflow.db.models import Attempt, Document, Result, SlotHold
+from vramflow.db.session import dispose_engines, session_scope
+
+pytestmark = [pytest.mark.slow, needs_corpus]
+
+POOL = "vramflow-gpu"
+FLOWS = ("process-pdf", "sweep-inbox", "retry-failed")
+CLI_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 300
+RETRY_PAUSES_S = (0.5, 1, 2, 4, 8, 0)
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+FIRST_PDF = "sf_pdflatex-4-pages.pdf"  # 4 pages with text
+SWEEP_PDF = "pdfminer_jo.pdf"  # 1 page
+PAIR = ("pdfminer_f1040nr.pdf", "pypdf_Seige_of_Vicksburg_Sample_OCR.pdf")  # 5 and 6 pages
+
+
+@dataclass
+class Stack:
+    """The server's API, the worker's log and the database its flow runs write to."""
+
+    api: httpx.Client
+    database_url: str
+    worker_log: Path
+    model: str
+    root: Path
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def trigger(self, deployment: str, **parameters: Any) -> str:
+        """Create a flow run of `deployment` with `parameters`; returns its id."""
+        deployment_id = self.deployments[deployment]["id"]
+        path = f"deployments/{deployment_id}/create_flow_run"
+        return self.call("POST", path, json={"parameters": parameters})["id"]
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One API call, tried again while the server answers 503 (its SQLite database busy),
+        as Prefect's own client does."""
+        for pause in RETRY_PAUSES_S:
+            response = self.api.request(method, path, **kwargs)
+            if response.status_code not in (429, 502, 503):
+                break
+            time.sleep(pause)
+        response.raise_for_status()
+        return response.json()
+
+    def wait(self, run_id: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+        """The flow run once it is final; fails unless Completed, with its logs and the worker's."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.call("GET", f"flow_runs/{run_id}")
+            state = run["state"]["type"] if run.get("state") else None
+            if state in FINAL_STATES or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if state != "COMPLETED":
+            pytest.fail(
+                f"flow run {run['name']} ({run_id}) is {state} after up to {timeout:.0f} s: "
+                f"{(run.get('state') or {}).get('message')}\n{self.run_logs(run_id)}\n"
+                + tail(self.worker_log, 80)
+            )
+        return run
+
+    def run_logs(self, run_id: str) -> str:
+        query = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"}
+        logs = self.call("POST", "logs/filter", json=query)
+        return "--- flow run logs ---\n" + "\n".join(f"{x['level']} {x['message']}" for x in logs)
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        query = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+        return self.call("POST", "artifacts/filter", json=query)
+
+
+def _prefect(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def stack(
+    prefect_server: PrefectServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("deployments")
+    (root / "empty-inbox").mkdir()
+    database_url = f"sqlite:///{root / 'vramflow.db'}"
+    env = clean_env(
+        **prefect_server.env,
+        VRAMFLOW_HOME=str(root / "home"),
+        VRAMFLOW_DATABASE_URL=database_url,
+        VRAMFLOW_INBOX=str(root / "empty-inbox"),  # what a scheduled sweep would read
+    )
+    env.pop("VRAMFLOW_REPO", None)  # resolved on the worker's host, not baked in at deploy time
+    _prefect(env, "work-pool", "create", POOL, "--type", "process", "--overwrite")
+    _prefect(env, "--no-prompt", "deploy", "--all")
+    worker_env = {**env, "VRAMFLOW_REPO": str(REPO_ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    log_path = root / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
+            cwd=root,  # not the checkout: the deployments' pull step must change into it
+            env=worker_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        with httpx.Client(base_url=f"{prefect_server.api_url}/", timeout=30) as api:
+            stack = Stack(api, database_url, log_path, str(tiny_model_dir), root)
+            for flow in FLOWS:
+                stack.deployments[flow] = stack.call("GET", f"deployments/name/{flow}/{flow}")
+            _pause_schedules(stack, stack.deployments["sweep-inbox"])  # no sweep but ours
+            yield stack
+    finally:
+        stop_process_tree(worker)
+        dispose_engines()
+
+
+def _pause_schedules(stack: Stack, deployment: dict[str, Any]) -> None:
+    for schedule in deployment["schedules"]:
+        path = f"deployments/{deployment['id']}/schedules/{schedule['id']}"
+        stack.api.patch(path, json={"active": False}).raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def first_run(stack: Stack) -> dict[str, Any]:
+    """process-pdf over a 4-page corpus PDF, triggered through the REST API."""
+    run_id = stack.trigger(
+        "process-pdf", path=str(CORPUS / FIRST_PDF), model=stack.model, max_new_tokens=3
+    )
+    return stack.wait(run_id)
+
+
+def _results(stack: Stack, file_name: str) -> list[Result]:
+    with session_scope(stack.database_url) as session:
+        query = (
+            select(Result)
+            .join(Document, Document.id == Result.document_id)
+            .where(Document.file_name == file_name)
+            .order_by(Result.page_number)
+        )
+        return list(session.scalars(query))
+
+
+def test_prefect_yaml_deploys_three_deployments_to_the_pool(stack: Stack):
+    process, sweep, retry = (
+        stack.deployments[n] for n in ("process-pdf", "sweep-inbox", "retry-failed")
+    )
+    for deployment in stack.deployments.values():
+        assert deployment["work_pool_name"] == POOL
+        assert deployment["pull_steps"] == [
+            {
+                "prefect.deployments.steps.set_working_directory": {
+                    "directory": "{{ $VRAMFLOW_REPO }}"
+                }
+            }
+        ]
+    schema = process["parameter_openapi_schema"]
+    assert schema["required"] == ["path"]
+    assert schema["properties"]["max_new_tokens"]["type"] == "integer"
+    assert process["schedules"] == []
+    [every_10] = sweep["schedules"]
+    assert (every_10["schedule"]["cron"], every_10["active"]) == ("*/10 * * * *", True)
+    [nightly] = retry["schedules"]
+    assert (nightly["schedule"]["cron"], nightly["active"]) == ("0 3 * * *", False)
+    assert sweep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+
+
+def test_a_run_triggered_through_the_api_stores_every_page_and_reports(
+    stack: Stack, first_run: dict[str, Any]
+):
+    assert first_run["work_pool_name"] == POOL
+    results = _results(stack, FIRST_PDF)
+    assert [(r.page_number, r.status) for r in results] == [(p, "ok") for p in (1, 2, 3, 4)]
+    assert {r.flow_run_id for r in results} == {first_run["id"]}
+    artifacts = stack.artifacts(first_run["id"])
+    progress = [a for a in artifacts if a["type"] == "progress"]
+    assert [a["data"] for a in progress] == [100.0]
+    [summary] = [a for a in artifacts if a["type"] == "table"]
+    assert summary["key"].startswith("vramflow-summary-")
+    assert {"figure": "pages ok", "value": 4} in _table(summary)
+
+
+def _table(artifact: dict[str, Any]) -> list[dict[str, Any]]:
+    data = artifact["data"]
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_sweep_processes_a_new_file_and_skips_a_renamed_copy_of_a_known_one(
+    stack: Stack, first_run: dict[str, Any]
+):
+    inbox = stack.root / "inbox"
+    inbox.mkdir()
+    shutil.copy(CORPUS / FIRST_PDF, inbox / "renamed-copy.pdf")
+    shutil.copy(CORPUS / SWEEP_PDF, inbox / SWEEP_PDF)
+    run_id = stack.trigger("sweep-inbox", inbox=str(inbox), model=stack.model, max_new_tokens=3)
+    stack.wait(run_id)
+    [table] = [a for a in stack.artifacts(run_id) if a["key"] == "vramflow-sweep-inbox"]
+    outcomes = {row["file"]: row["outcome"] for row in _table(table)}
+    assert outcomes == {SWEEP_PDF: "processed", "renamed-copy.pdf": "skipped"}
+    assert [(r.page_number, r.status) for r in _results(stack, SWEEP_PDF)] == [(1, "ok")]
+    # the known document was not run again
+    assert {r.flow_run_id for r in _results(stack, FIRST_PDF)} == {first_run["id"]}
+
+
+def test_two_runs_at_once_share_the_worker_but_never_the_device(stack: Stack):
+    runs = [
+        stack.trigger(
+            "process-pdf", path=str(CORPUS / pdf), model=stack.model, max_new_tokens=3, batch_size=2
+        )
+        for pdf in PAIR
+    ]
+    done = [stack.wait(run_id) for run_id in runs]
+    (a_start, a_end), (b_start, b_end) = ((r["start_time"], r["end_time"]) for r in done)
+    assert a_start < b_end and b_start < a_end, "the worker ran the two flow runs one by one"
+    with session_scope(stack.database_url) as session:
+        holds = session.execute(
+            select(SlotHold.acquired_at, SlotHold.released_at, SlotHold.flow_run_id)
+            .where(SlotHold.flow_run_id.in_(runs))
+            .order_by(SlotHold.acquired_at)
+        ).all()
+        calls = session.execute(
+            select(Attempt.call_id, Attempt.started_at, Attempt.finished_at, Attempt.flow_run_id)
+            .where(Attempt.flow_run_id.in_(runs))
+            .order_by(Attempt.started_at)
+        ).all()
+    assert {h.flow_run_id for h in holds} == set(runs)
+    _assert_disjoint([(h.acquired_at, h.released_at) for h in holds], "slot holds")
+    by_call = {c.call_id: (c.started_at, c.finished_at) for c in calls}
+    assert len(by_call) >= 5  # 5 + 6 pages in batches of 2
+    _assert_disjoint(sorted(by_call.values()), "model calls")
+    for pdf, run_id in zip(PAIR, runs, strict=True):
+        results = _results(stack, pdf)
+        assert results and {(r.status, r.flow_run_id) for r in results} == {("ok", run_id)}
+
+
+def _assert_disjoint(intervals: list[tuple[datetime, datetime]], what: str) -> None:
+    for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+        assert end <= start, f"{what} overlap on the one device: {intervals}"
+
+
+def test_retry_failed_redoes_failed_and_stuck_pages_with_their_stored_settings(
+    stack: Stack, first_run: dict[str, Any]
+):
+    """Page 2 failed; page 3 was left running two hours ago by a run that has ended."""
+    long_ago = datetime.now(timezone.utc) - timedelta(hours=2)
+    with session_scope(stack.database_url) as session:
+        rows = session.execute(
+            select(Result.page_number, Result.id)
+            .join(Document, Document.id == Result.document_id)
+            .where(Document.file_name == FIRST_PDF)
+        )
+        ids = {page: result_id for page, result_id in rows}
+        session.execute(
+            update(Result)
+            .where(Result.id == ids[2])
+            .values(status="failed", error_type="InferenceOOMError", output=None)
+        )
+        session.execute(
+            update(Result).where(Result.id == ids[3]).values(status="running", updated_at=long_ago)
+        )
+        session.execute(
+            update(Document).where(Document.file_name == FIRST_PDF).values(status="partial")
+        )
+    run_id = stack.trigger("retry-failed")
+    stack.wait(run_id)
+    [table] = [a for a in stack.artifacts(run_id) if a["key"] == "vramflow-retry-failed"]
+    assert [(row["file"], row["outcome"]) for row in _table(table)] == [(FIRST_PDF, "processed")]
+    results = _results(stack, FIRST_PDF)
+    assert [r.status for r in results] == ["ok"] * 4
+    again = {r.flow_run_id for r in results if r.page_number in (2, 3)}
+    assert len(again) == 1 and first_run["id"] not in again, "pages 2 and 3 were not run again"
+    assert {r.flow_run_id for r in results if r.page_number in (1, 4)} == {first_run["id"]}
+    with session_scope(stack.database_url) as session:
+        status = session.scalar(select(Document.status).where(Document.file_name == FIRST_PDF))
+    assert status == "done"
