@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 # Retry-After), which leaves the GPU idle long after the holder in another process has left.
 _MAX_POLL_SECONDS = 2.0
 _ENSURE_ATTEMPTS = 4
+# Pause before asking again when the server answered 503 (its database was busy).
+_BUSY_RETRY_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -152,18 +154,26 @@ def _try_increment(
     One request, never cancelled half-way (a cancelled grant would leak its slot), so that the
     caller keeps the deadline and looks for dead holders between attempts.
     """
-    try:
-        response = client.increment_concurrency_slots_with_lease(
-            names=[name],
-            slots=1,
-            mode="concurrency",
-            lease_duration=lease_seconds,
-            holder=_current_holder(),
-        )
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code == 423:
-            return None, float(exc.response.headers.get("Retry-After", 1.0))
-        raise
+    body: dict = {
+        "names": [name],
+        "slots": 1,
+        "mode": "concurrency",
+        "lease_duration": lease_seconds,
+    }
+    holder = _current_holder()
+    if holder is not None:
+        body["holder"] = holder.model_dump(mode="json")
+    http = client._client
+    request = http.build_request("POST", "/v2/concurrency_limits/increment-with-lease", json=body)
+    # httpx.Client.send, not Prefect's subclass: Prefect retries a 503 after a 2 s back-off,
+    # and the server answers 503 whenever its SQLite write is busy, so every hand-off would
+    # leave the GPU idle for 2 s. A 503 here is just "ask again", like a 423.
+    response = httpx.Client.send(http, request)
+    if response.status_code == 423:
+        return None, float(response.headers.get("Retry-After", 1.0))
+    if response.status_code == 503:
+        return None, _BUSY_RETRY_SECONDS
+    response.raise_for_status()
     granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
     if not granted.limits:
         raise SlotError(f"the Prefect server holds no limit {name!r}; refusing to run unlimited")

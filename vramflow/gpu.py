@@ -55,9 +55,10 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def free_memory(device: str) -> None:
-    """Drop unreachable tensors and hand cached blocks back to the driver."""
-    gc.collect()
+    """Drop unreachable tensors and hand cached blocks back to the driver (CUDA only: on a CPU
+    there is nothing to hand back, and `gc.collect` costs about 0.3 s in a loaded process)."""
     if device.startswith("cuda"):
+        gc.collect()
         torch.cuda.empty_cache()
 
 
