@@ -1,0 +1,288 @@
+"""Pages per second of four ways to run a model over a PDF, on the same pages and model.
+
+    python benchmarks/throughput.py --pages 16 --max-new-tokens 64
+    python benchmarks/throughput.py --pages 3 --max-new-tokens 2 --model ./tiny --json
+
+Variants (each in a fresh interpreter, so peak RSS is its own):
+  sequential   pypdf + one `generate` per page in a plain loop, no Prefect
+  naive_async  `asyncio.gather` over the pages, each extracted and generated in a thread
+  flow_batch1  vramflow's `process_pdf` flow with batch size 1
+  flow_best    the flow at the fastest of `--batch-sizes`
+
+Model loading and a one-page warm-up run are left out of every timing. Overhead is wall time
+minus the time the model's `generate` was running, per page; the slot busy fraction comes from
+the database (inference time over first slot acquisition to last release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from pages import build_page_set  # noqa: E402
+from server import temporary_prefect_server  # noqa: E402
+
+from vramflow.config import DEFAULT_MODEL, Settings  # noqa: E402
+
+ROW_NAMES = ("sequential", "naive_async", "flow_batch1", "flow_best")
+ROW_KEYS = (
+    "name",
+    "pages_per_s",
+    "ratio_to_sequential",
+    "overhead_ms_per_page",
+    "peak_rss_bytes",
+    "peak_vram_bytes",
+    "max_concurrent_calls",
+    "slot_busy_fraction",
+    "batch_size",
+    "pages",
+    "wall_seconds",
+    "model_seconds",
+)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--pages", type=int, default=16, help="pages to run (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    parser.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=384,
+        help="page tokens kept per prompt (default 384: prompts of about 430 tokens)",
+    )
+    parser.add_argument(
+        "--batch-sizes", default="4,8", help="flow_best candidates, comma-separated (default 4,8)"
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    parser.add_argument(
+        "--model-cache-dir",
+        type=Path,
+        default=None,
+        help="where the default model is converted once (default: $VRAMFLOW_HOME/models)",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep inputs and logs here (default: a temp dir)",
+    )
+    parser.add_argument("--json", action="store_true", help="print only the rows, as JSON")
+    return parser.parse_args(argv)
+
+
+def batch_sizes(text: str) -> list[int]:
+    sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    if not sizes or sizes[0] < 1:
+        raise SystemExit(f"--batch-sizes needs positive integers, got {text!r}")
+    return sizes
+
+
+def run_variant(
+    variant: str, work: Path, label: str, args: argparse.Namespace, extra: list[str]
+) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter; its log goes to a file, its figures come back."""
+    home, out = work / label, work / f"{label}.json"
+    command = [
+        sys.executable,
+        str(HERE / "variants.py"),
+        variant,
+        "--pdf",
+        str(args.pdf),
+        "--home",
+        str(home),
+        "--out",
+        str(out),
+        "--model",
+        args.model,
+        "--model-cache-dir",
+        str(args.model_cache_dir),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--max-input-tokens",
+        str(args.max_input_tokens),
+        *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
+        *extra,
+    ]
+    say(f"running {label} ...")
+    with open(work / f"{label}.log", "wb") as log:
+        code = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log).returncode
+    if code != 0:
+        tail = (work / f"{label}.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{label} failed (exit {code}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def to_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[str, Any]:
+    pages, wall = figures["pages"], figures["wall_seconds"]
+    rate = pages / wall
+    row = {
+        "name": name,
+        "pages_per_s": rate,
+        "ratio_to_sequential": rate / baseline if baseline else 1.0,
+        "overhead_ms_per_page": 1000 * (wall - figures["model_seconds"]) / pages,
+        "peak_rss_bytes": figures["peak_rss_bytes"],
+        "peak_vram_bytes": figures["peak_vram_bytes"],
+        "max_concurrent_calls": figures["max_concurrent_calls"],
+        "slot_busy_fraction": figures["slot_busy_fraction"],
+        "batch_size": figures["batch_size"],
+        "pages": pages,
+        "wall_seconds": wall,
+        "model_seconds": figures["model_seconds"],
+    }
+    assert tuple(row) == ROW_KEYS
+    return row
+
+
+@contextmanager
+def flow_server(work: Path) -> Iterator[list[str]]:
+    say("starting a temporary Prefect server for the flow variants ...")
+    with temporary_prefect_server(work / "prefect-server") as api_url:
+        yield ["--prefect-api-url", api_url]
+
+
+def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every variant's row, and what describes the run (device, database, candidates)."""
+    args.pdf, pages_from = build_page_set(work, args.pages)
+    sequential = run_variant("sequential", work, "sequential", args, [])
+    naive = run_variant("naive_async", work, "naive_async", args, [])
+    with flow_server(work) as server:
+        batch1 = run_variant("flow", work, "flow_batch1", args, [*server, "--batch-size", "1"])
+        candidates = [
+            run_variant(
+                "flow", work, f"flow_batch{size}", args, [*server, "--batch-size", str(size)]
+            )
+            for size in batch_sizes(args.batch_sizes)
+        ]
+    best = max(candidates, key=lambda figures: figures["pages"] / figures["wall_seconds"])
+    base = sequential["pages"] / sequential["wall_seconds"]
+    rows = [
+        to_row("sequential", sequential, None),
+        to_row("naive_async", naive, base),
+        to_row("flow_batch1", batch1, base),
+        to_row("flow_best", best, base),
+    ]
+    context = {
+        "device": sequential["device"],
+        "database": f"SQLite, a fresh file per flow process ({batch1['database']})",
+        "pages_from": pages_from,
+        "candidates": [
+            (c["batch_size"], c["pages"] / c["wall_seconds"], c["slot_busy_fraction"])
+            for c in candidates
+        ],
+        "runs": {
+            name: (figures["max_threads"], figures["cpu_pressure"])
+            for name, figures in [
+                ("sequential", sequential),
+                ("naive_async", naive),
+                ("flow_batch1", batch1),
+                *((f"flow_batch{c['batch_size']}", c) for c in candidates),
+            ]
+        },
+    }
+    return rows, context
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    gpu = any(row["peak_vram_bytes"] for row in rows)
+    header = ["variant", "batch", "pages/s", "× sequential", "overhead ms/page", "peak RSS MiB"]
+    header += ["peak VRAM MiB"] if gpu else []
+    header += ["max concurrent calls", "slot busy"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row["name"],
+            str(row["batch_size"]),
+            _fmt(row["pages_per_s"], ".3f"),
+            _fmt(row["ratio_to_sequential"], ".2f"),
+            _fmt(row["overhead_ms_per_page"], ".0f"),
+            _fmt(row["peak_rss_bytes"] / 2**20, ".0f"),
+        ]
+        if gpu:
+            vram = row["peak_vram_bytes"]
+            cells.append(_fmt(vram / 2**20 if vram else None, ".0f"))
+        cells += [str(row["max_concurrent_calls"]), _fmt(row["slot_busy_fraction"], ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
+    candidates = ", ".join(
+        f"batch {size}: {rate:.3f} pages/s, slot busy {_fmt(busy, '.2f')}"
+        for size, rate, busy in context["candidates"]
+    )
+    return "\n".join(
+        [
+            f"command:  {shlex.join(['python', 'benchmarks/throughput.py', *args.argv])}",
+            f"device:   {context['device']}",
+            f"database: {context['database']}",
+            f"pages:    {rows[0]['pages']} ({context['pages_from']}), prompt text cut to "
+            f"{args.max_input_tokens} tokens, {args.max_new_tokens} new tokens, greedy",
+            f"model:    {args.model}",
+            "",
+            table(rows),
+            "",
+            f"flow candidates: {candidates}",
+            "most threads seen, and CPU pressure (share of the run during which some task on",
+            "this machine waited for a CPU; other work on the machine raises it):",
+            "  "
+            + ", ".join(
+                f"{name} {threads} threads, {_fmt(pressure, '.0%')}"
+                for name, (threads, pressure) in context["runs"].items()
+            ),
+        ]
+    )
+
+
+@contextmanager
+def work_folder(keep: Path | None, prefix: str) -> Iterator[str]:
+    """`keep` (created, left in place) or a temporary folder removed at the end."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield str(keep.resolve())
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield folder
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    args.argv = argv
+    if args.pages < 1:
+        raise SystemExit("--pages must be at least 1")
+    args.model_cache_dir = args.model_cache_dir or Settings().model_cache_dir
+    with work_folder(args.work_dir, "vramflow-bench-") as folder:
+        rows, context = measure(args, Path(folder))
+    if args.json:
+        say(f"device: {context['device']}; database: {context['database']}")
+        print(json.dumps(rows, indent=2))
+    else:
+        print(report(args, rows, context))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,257 @@
+"""Run one benchmark variant in this (fresh) process and write its measurements as JSON.
+
+    python benchmarks/variants.py VARIANT --pdf FILE --home DIR --out RESULT.json [options]
+
+VARIANT is `sequential` (pypdf + one generate call per page, no Prefect), `naive_async`
+(`asyncio.gather` over the pages, each extracted and generated in a thread) or `flow`
+(vramflow's `process_pdf` flow with a fresh SQLite database under DIR, on the Prefect server at
+`--prefect-api-url`, or else on a temporary local server of its own).
+
+The model is loaded and every variant warmed up on a one-page document before the clock starts;
+each `generate` call is counted by a wrapper on the model instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from meter import CallMeter, cpu_stall_us, device_name, peak_rss_bytes  # noqa: E402
+from pages import DEMO_PAGES, warmup_pdf  # noqa: E402
+
+VARIANTS = ("sequential", "naive_async", "flow")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", choices=VARIANTS)
+    parser.add_argument("--pdf", type=Path, required=True)
+    parser.add_argument("--home", type=Path, required=True, help="fresh folder for this run")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--model-cache-dir", type=Path, required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-input-tokens", type=int, default=1536)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument(
+        "--prefect-api-url", help="a running server (default: start a temporary one here)"
+    )
+    return parser.parse_args(argv)
+
+
+class Sampler:
+    """Samples this process's thread count and RSS in the background while the clock runs."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        import psutil
+
+        self._process, self._every = psutil.Process(), every_s
+        self._stop = threading.Event()
+        self.max_threads = 0
+        self.rss: list[int] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.max_threads = max(self.max_threads, self._process.num_threads())
+            self.rss.append(self._process.memory_info().rss)
+            self._stop.wait(self._every)
+
+    def rss_profile(self, points: int = 10) -> list[int]:
+        """RSS at `points` evenly spaced moments of the timed run, in MiB."""
+        if not self.rss:
+            return []
+        step = max(1, len(self.rss) // points)
+        return [value // 2**20 for value in self.rss[::step]] + [self.rss[-1] // 2**20]
+
+    def __enter__(self) -> Sampler:
+        self._stall, self._started = cpu_stall_us(), time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        stall, wall = cpu_stall_us(), time.perf_counter() - self._started
+        self.cpu_pressure = None
+        if stall is not None and self._stall is not None and wall > 0:
+            self.cpu_pressure = (stall - self._stall) / 1e6 / wall
+
+
+def _isolate(args: argparse.Namespace) -> None:
+    """Point vramflow and Prefect at fresh folders (a fresh database, a fresh temporary server)."""
+    os.environ["VRAMFLOW_HOME"] = str(args.home / "vramflow")
+    os.environ["VRAMFLOW_MAX_INPUT_TOKENS"] = str(args.max_input_tokens)
+    os.environ["PREFECT_HOME"] = str(args.home / "prefect")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if args.prefect_api_url:
+        os.environ["PREFECT_API_URL"] = args.prefect_api_url
+    else:
+        os.environ.pop("PREFECT_API_URL", None)  # a temporary server, started by the warm-up
+
+
+def _generate_one(loaded: Any, text: str, device: str, args: argparse.Namespace) -> Any:
+    from vramflow.config import DEFAULT_PROMPT
+    from vramflow.models import generate_batch
+
+    [answer] = generate_batch(
+        loaded,
+        DEFAULT_PROMPT,
+        [text],
+        device=device,
+        max_new_tokens=args.max_new_tokens,
+        max_input_tokens=args.max_input_tokens,
+        timeout_s=3600,
+    )
+    return answer
+
+
+def _extract(path: Path, number: int, reader: Any = None) -> str:
+    from pypdf import PdfReader
+
+    return (reader or PdfReader(path)).pages[number - 1].extract_text()
+
+
+def run_sequential(loaded: Any, device: str, numbers: list[int], args: argparse.Namespace):
+    from pypdf import PdfReader
+
+    reader = PdfReader(args.pdf)
+    return [_generate_one(loaded, _extract(args.pdf, n, reader), device, args) for n in numbers]
+
+
+def run_naive_async(loaded: Any, device: str, numbers: list[int], args: argparse.Namespace):
+    async def page(number: int) -> Any:
+        text = await asyncio.to_thread(_extract, args.pdf, number)
+        return await asyncio.to_thread(_generate_one, loaded, text, device, args)
+
+    async def every_page() -> list[Any]:
+        return await asyncio.gather(*(page(n) for n in numbers))
+
+    return asyncio.run(every_page())
+
+
+def _slot_figures(url: str, run_id: str) -> dict[str, Any]:
+    """Slot busy fraction of one flow run from its slot_holds and attempts rows."""
+    from sqlalchemy import select
+
+    from vramflow.db.models import Attempt, SlotHold
+    from vramflow.db.session import session_scope
+
+    with session_scope(url) as session:
+        holds = session.execute(
+            select(SlotHold.acquired_at, SlotHold.released_at).where(SlotHold.flow_run_id == run_id)
+        ).all()
+        calls = session.execute(
+            select(Attempt.call_id, Attempt.infer_seconds).where(Attempt.flow_run_id == run_id)
+        ).all()
+    if not holds or any(released is None for _, released in holds):
+        return {"slot_busy_fraction": None, "slot_holds": len(holds), "slot_held_seconds": None}
+    phase = (max(r for _, r in holds) - min(a for a, _ in holds)).total_seconds()
+    inferring = sum(dict(calls).values())  # one row per page of a call: count each call once
+    held = sum((r - a).total_seconds() for a, r in holds)
+    return {
+        "slot_busy_fraction": inferring / phase if phase > 0 else None,
+        "slot_holds": len(holds),
+        "slot_held_seconds": held,
+        "inference_phase_seconds": phase,
+    }
+
+
+def run_flow(args: argparse.Namespace, meter: CallMeter, numbers: list[int]) -> dict[str, Any]:
+    """Warm up on a one-page document, then time the flow over the benchmark document."""
+    from flows.process_pdf import process_pdf
+    from vramflow.config import Settings
+
+    common = {"model": args.model, "max_new_tokens": args.max_new_tokens}
+    process_pdf(str(warmup_pdf(args.home)), batch_size=args.batch_size, **common)
+    meter.reset()
+    with Sampler() as sampler:
+        started = time.perf_counter()
+        summary = process_pdf(str(args.pdf), batch_size=args.batch_size, **common)
+        wall = time.perf_counter() - started
+    if summary["pages_ok"] != len(numbers):
+        raise SystemExit(f"flow finished {summary['pages_ok']} of {len(numbers)} pages: {summary}")
+    url = Settings().resolved_database_url
+    return {
+        "wall_seconds": wall,
+        "max_threads": sampler.max_threads,
+        "rss_mib_profile": sampler.rss_profile(),
+        "cpu_pressure": sampler.cpu_pressure,
+        "database": url,
+        **_slot_figures(url, str(summary["flow_run_id"])),
+    }
+
+
+def run_plain(args: argparse.Namespace, meter: CallMeter, loaded: Any, numbers: list[int]):
+    from vramflow import gpu, models
+
+    device = gpu.resolve_device("auto")
+    models.move_model(loaded, device)
+    _generate_one(loaded, DEMO_PAGES[0], device, args)
+    meter.reset()
+    run = run_sequential if args.variant == "sequential" else run_naive_async
+    with Sampler() as sampler:
+        started = time.perf_counter()
+        answers = run(loaded, device, numbers, args)
+        wall = time.perf_counter() - started
+    if len(answers) != len(numbers):
+        raise SystemExit(f"{args.variant} answered {len(answers)} of {len(numbers)} pages")
+    return {
+        "wall_seconds": wall,
+        "max_threads": sampler.max_threads,
+        "rss_mib_profile": sampler.rss_profile(),
+        "cpu_pressure": sampler.cpu_pressure,
+        "database": None,
+    }
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    args.home.mkdir(parents=True, exist_ok=True)
+    _isolate(args)
+    import torch
+    from pypdf import PdfReader
+
+    from vramflow import models
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    numbers = list(range(1, len(PdfReader(args.pdf).pages) + 1))
+    loaded = models.load_model(args.model, args.model_cache_dir)  # cached per process by spec
+    meter = CallMeter()
+    meter.install(loaded.model)
+    if args.variant == "flow":
+        figures = run_flow(args, meter, numbers)
+    else:
+        figures = run_plain(args, meter, loaded, numbers)
+    if meter.calls < 1:
+        raise SystemExit("the model was never called")
+    result = {
+        "variant": args.variant,
+        "pages": len(numbers),
+        "batch_size": args.batch_size if args.variant == "flow" else 1,
+        "model_seconds": meter.busy_seconds,
+        "model_calls": meter.calls,
+        "max_concurrent_calls": meter.max_concurrent,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_vram_bytes": meter.peak_vram_bytes,
+        "device": device_name(),
+        "slot_busy_fraction": None,
+        **figures,
+    }
+    args.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

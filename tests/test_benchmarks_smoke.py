@@ -1,0 +1,68 @@
+"""benchmarks/throughput.py end to end with a tiny model: the JSON rows other tools read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ["sequential", "naive_async", "flow_batch1", "flow_best"]
+KEYS = {
+    "name",
+    "pages_per_s",
+    "ratio_to_sequential",
+    "overhead_ms_per_page",
+    "peak_rss_bytes",
+    "peak_vram_bytes",
+    "max_concurrent_calls",
+    "slot_busy_fraction",
+    "batch_size",
+    "pages",
+    "wall_seconds",
+    "model_seconds",
+}
+
+
+def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "throughput.py"),
+        "--json",
+        "--pages",
+        "3",
+        "--max-new-tokens",
+        "2",
+        "--batch-sizes",
+        "2",
+        "--model",
+        str(tiny_model_dir),
+        "--model-cache-dir",
+        str(tmp_path / "models"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+
+    assert [row["name"] for row in rows] == NAMES
+    assert all(set(row) == KEYS for row in rows)
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["flow_batch1"]["max_concurrent_calls"] == 1
+    assert by_name["flow_best"]["max_concurrent_calls"] == 1
+    assert by_name["naive_async"]["max_concurrent_calls"] > 1
+    assert by_name["sequential"]["max_concurrent_calls"] == 1
+    assert by_name["sequential"]["ratio_to_sequential"] == 1.0
+    assert by_name["flow_batch1"]["batch_size"] == 1
+    assert by_name["flow_best"]["batch_size"] == 2
+    for row in rows:
+        assert row["pages"] == 3
+        assert row["pages_per_s"] > 0
+        assert row["peak_rss_bytes"] > 0
+    for name in ("flow_batch1", "flow_best"):
+        assert 0 < by_name[name]["slot_busy_fraction"] <= 1
+    assert "device:" in done.stderr and "database:" in done.stderr
