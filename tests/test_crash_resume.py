@@ -1,7 +1,10 @@
 """Crash recovery: SIGKILL `vramflow run` mid-document, run again, lose and repeat nothing.
 
-Runs on Prefect's temporary local server (no PREFECT_API_URL), which never expires a dead
-holder's slot lease: the second run must recover the slot itself. On SQLite and PostgreSQL.
+Runs against a real Prefect server (filesystem lease storage, 60 s leases): the second run
+gets the dead holder's slot back from its on-disk holder record at once, or, if the kill
+landed between the grant and the record, when the lease expires. On SQLite and PostgreSQL.
+(Prefect's temporary server never expires leases: there, a kill inside that window leaks the
+slot; tests/test_gpu_slot.py covers its dead-holder recovery.)
 """
 
 from __future__ import annotations
@@ -54,18 +57,20 @@ def wait_for_ok_pages(url: str, process, count: int, timeout: float = 300) -> No
     raise AssertionError(f"fewer than {count} pages done within {timeout} s")
 
 
-def test_sigkill_mid_document_then_rerun_completes(database_url, tiny_model_dir, tmp_path):
+def test_sigkill_mid_document_then_rerun_completes(
+    database_url, prefect_server, tiny_model_dir, tmp_path
+):
     [pdf] = make_pdfs(tmp_path / "pdfs", count=1, pages=PAGES)
     env = {
+        **prefect_server.env,
         "VRAMFLOW_HOME": str(tmp_path / "home"),
         "VRAMFLOW_DATABASE_URL": database_url,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
     }
     args = ("--max-new-tokens", "48", "--batch-size", "1")
     first = start_run(pdf, tiny_model_dir, tmp_path / "first.log", env, *args)
     try:
         wait_for_ok_pages(database_url, first, 3)
-        os.killpg(first.pid, signal.SIGKILL)  # the run, its temporary server, its PDF workers
+        os.killpg(first.pid, signal.SIGKILL)  # the run and its PDF workers
         first.wait(timeout=30)
     finally:
         stop_process_group(first)
