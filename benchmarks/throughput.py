@@ -35,6 +35,8 @@ from server import temporary_prefect_server  # noqa: E402
 
 from vramflow.config import DEFAULT_MODEL, Settings  # noqa: E402
 
+# naive_async makes its own pressure (6 threads on the cores); the others should see almost none.
+PRESSURE_WARNING = 0.2
 ROW_NAMES = ("sequential", "naive_async", "flow_batch1", "flow_best")
 ROW_KEYS = (
     "name",
@@ -173,10 +175,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
     best = max(candidates, key=lambda figures: figures["pages"] / figures["wall_seconds"])
     base = sequential["pages"] / sequential["wall_seconds"]
     rows = [
-        to_row("sequential", sequential, None),
-        to_row("naive_async", naive, base),
-        to_row("flow_batch1", batch1, base),
-        to_row("flow_best", best, base),
+        to_row(name, figures, None if name == "sequential" else base)
+        for name, figures in zip(ROW_NAMES, [sequential, naive, batch1, best], strict=True)
     ]
     context = {
         "device": sequential["device"],
@@ -250,8 +250,24 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
                 f"{name} {threads} threads, {_fmt(pressure, '.0%')}"
                 for name, (threads, pressure) in context["runs"].items()
             ),
+            *disturbed(context["runs"]),
         ]
     )
+
+
+def disturbed(runs: dict[str, tuple[int, float | None]]) -> list[str]:
+    """A warning naming the runs that other work on the machine slowed down."""
+    hit = [
+        name
+        for name, (_, pressure) in runs.items()
+        if name != "naive_async" and pressure is not None and pressure > PRESSURE_WARNING
+    ]
+    if not hit:
+        return []
+    return [
+        f"warning: CPU pressure over {PRESSURE_WARNING:.0%} during {', '.join(hit)}: other work "
+        "slowed those runs down; rerun before reading ratios"
+    ]
 
 
 @contextmanager
