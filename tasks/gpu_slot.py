@@ -8,6 +8,11 @@ one slot with a lease that is renewed while held, and releases it when the block
 Inside one process a semaphore of `size` per slot name sits in front of the server, and a lock
 lets only one thread at a time poll the server; a release in this process wakes the poller at
 once instead of after the server's Retry-After.
+
+Hand-off: when a holder leaves while another thread of this process waits for the same slot, the
+lease is passed on instead of going back to the server (no round trip, and what the holder left
+on the device, such as the weights, can stay there), for up to `handoff_seconds` after the server
+granted it; after that it goes back so that other processes get their chance at it.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from uuid import UUID
@@ -60,13 +65,40 @@ class SlotHold:
     lease_id: UUID
     wait_seconds: float
     acquired_at: datetime
+    handed_over: bool = False  # taken from a holder of this process, not from the server
 
 
+@dataclass(frozen=True)
+class Resident:
+    """What a holder leaves on the device for as long as the slot stays in this process.
+
+    `key` names it (a holder with the same key finds it in place); `evict` takes it off the
+    device and runs before a holder with another key starts or the slot goes back to the server.
+    """
+
+    key: Hashable
+    evict: Callable[[], object]
+
+
+@dataclass
+class _Lease:
+    lease_id: UUID
+    granted: float  # time.monotonic() when the server granted it
+    resident: Resident | None = None
+
+
+@dataclass
 class _Gate:
-    def __init__(self, size: int) -> None:
-        self.holders = threading.Semaphore(size)
-        self.poll = threading.Lock()
-        self.released = threading.Event()
+    size: int
+    holders: threading.Semaphore = field(init=False)
+    poll: threading.Lock = field(default_factory=threading.Lock)
+    released: threading.Event = field(default_factory=threading.Event)
+    state: threading.Lock = field(default_factory=threading.Lock)  # guards the two below
+    waiting: int = 0  # threads of this process waiting for `holders`
+    parked: list[_Lease] = field(default_factory=list)  # ours, between two holders
+
+    def __post_init__(self) -> None:
+        self.holders = threading.Semaphore(self.size)
 
 
 _gates: dict[tuple[str, int], _Gate] = {}
@@ -87,9 +119,13 @@ def gpu_slot(
     lease_seconds: float = 60,
     wait_seconds: float | None = None,
     records_dir: Path,
+    handoff_seconds: float = 0.0,
+    resident: Resident | None = None,
 ) -> Iterator[SlotHold]:
     """Hold one slot of the limit `name` (created with `size` slots if missing) for the block.
 
+    With `handoff_seconds` > 0 the slot may go straight to a waiting thread of this process
+    (see the module docstring); `resident` says what this holder leaves on the device then.
     Raises `SlotError` if the Prefect API cannot be reached, the limit cannot be enforced, or no
     slot frees up within `wait_seconds` (None: wait for as long as it takes).
     """
@@ -97,27 +133,78 @@ def gpu_slot(
         raise ConfigError(f"slot size must be >= 1 and lease 60-86400 s: {size}, {lease_seconds}")
     asked = time.monotonic()
     deadline = None if wait_seconds is None else asked + wait_seconds
+    records = Path(records_dir)
     gate = _gate(name, size)
-    _wait_for(gate.holders, name, deadline)
+    parked = _enter(gate, name, deadline, records)
     try:
-        with _held(gate.poll, name, deadline):
-            lease_id = _acquire(name, size, lease_seconds, deadline, Path(records_dir), gate)
-        hold = SlotHold(name, lease_id, time.monotonic() - asked, datetime.now(timezone.utc))
-        logger.info("holding slot %s after waiting %.2f s", name, hold.wait_seconds)
+        if parked is None:
+            with _held(gate.poll, name, deadline):
+                lease_id = _acquire(name, size, lease_seconds, deadline, records, gate)
+        lease = parked or _Lease(lease_id, time.monotonic())
         held_since = time.monotonic()
         try:
+            if lease.resident is not None and (
+                resident is None or lease.resident.key != resident.key
+            ):
+                _evict(lease)
+            lease.resident = resident
+            hold = SlotHold(
+                name,
+                lease.lease_id,
+                held_since - asked,
+                datetime.now(timezone.utc),
+                handed_over=parked is not None,
+            )
+            logger.info("holding slot %s after waiting %.2f s", name, hold.wait_seconds)
             with maintain_concurrency_lease(
-                lease_id, lease_seconds, raise_on_lease_renewal_failure=True
+                lease.lease_id, lease_seconds, raise_on_lease_renewal_failure=True
             ):
                 yield hold
         finally:
-            _release(hold, Path(records_dir))
-            gate.released.set()
-            logger.info(
-                "released slot %s after holding %.2f s", name, time.monotonic() - held_since
-            )
+            if not _park(gate, lease, handoff_seconds):
+                _release(name, lease, records)
+                gate.released.set()
+            logger.info("left slot %s after holding %.2f s", name, time.monotonic() - held_since)
     finally:
         gate.holders.release()
+
+
+def _enter(gate: _Gate, name: str, deadline: float | None, records: Path) -> _Lease | None:
+    """Wait for this process's turn; returns a lease a holder of this process left, if any."""
+    with gate.state:
+        gate.waiting += 1
+    try:
+        _wait_for(gate.holders, name, deadline)
+    except BaseException:
+        with gate.state:
+            gate.waiting -= 1
+            unclaimed = gate.parked[gate.waiting :]
+            del gate.parked[gate.waiting :]
+        for lease in unclaimed:  # parked for us, and we are not coming
+            _release(name, lease, records)
+        raise
+    # Taking the turn and the parked lease in one step: a waiter giving up meanwhile must not
+    # see a lease without its taker and release it.
+    with gate.state:
+        gate.waiting -= 1
+        return gate.parked.pop() if gate.parked else None
+
+
+def _park(gate: _Gate, lease: _Lease, handoff_seconds: float) -> bool:
+    """Keep `lease` for a waiting thread of this process, if one waits and it is young enough."""
+    if time.monotonic() - lease.granted >= handoff_seconds:
+        return False
+    with gate.state:
+        if gate.waiting <= len(gate.parked):
+            return False
+        gate.parked.append(lease)
+        return True
+
+
+def _evict(lease: _Lease) -> None:
+    resident, lease.resident = lease.resident, None
+    if resident is not None:
+        resident.evict()
 
 
 def _acquire(
@@ -190,17 +277,21 @@ def _record(records_dir: Path, name: str, lease_id: UUID, limit_id: UUID) -> Non
         raise
 
 
-def _release(hold: SlotHold, records_dir: Path) -> None:
-    # The record goes first: a record that exists always means an unreleased slot, so a holder
-    # dying between the two steps can leak its slot but never have it freed twice.
-    if not slot_records.remove_record(records_dir, hold.name, hold.lease_id):
-        logger.error("slot %s was already freed as a dead holder's; not releasing it", hold.name)
-        return
+def _release(name: str, lease: _Lease, records_dir: Path) -> None:
+    """Clear the device of what the last holder left, then give the slot back to the server."""
     try:
-        with _api_errors():
-            release_concurrency_slots_with_lease(hold.lease_id)
-    except SlotError as exc:
-        logger.error("could not release slot %s (its lease will expire): %s", hold.name, exc)
+        _evict(lease)
+    finally:
+        # The record goes first: a record that exists always means an unreleased slot, so a
+        # holder dying between the two steps can leak its slot but never have it freed twice.
+        if not slot_records.remove_record(records_dir, name, lease.lease_id):
+            logger.error("slot %s was already freed as a dead holder's; not releasing it", name)
+        else:
+            try:
+                with _api_errors():
+                    release_concurrency_slots_with_lease(lease.lease_id)
+            except SlotError as exc:
+                logger.error("could not release slot %s (its lease will expire): %s", name, exc)
 
 
 def _ensure(client: SyncPrefectClient, name: str, size: int) -> GlobalConcurrencyLimitResponse:

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks.gpu_slot import gpu_slot
+from tasks.gpu_slot import Resident, gpu_slot
 from tasks.recording import store_call
 from vramflow import gpu, models
 from vramflow.config import Settings
@@ -69,6 +69,7 @@ def infer_batch(
         return {"ok": 0, "failed": 0}
     device = gpu.resolve_device(settings.device)
     loaded = models.load_model(settings.model, settings.model_cache_dir)
+    models.use_torch_threads(settings.torch_threads)
     cfg = GenerationSettings(
         settings.prompt,
         device,
@@ -85,15 +86,26 @@ def infer_batch(
         if record.outcome != "ok":
             logger.warning("pages %s: %s: %s", record.pages, record.outcome, record.error_message)
 
+    # With one slot per device the weights may stay there while the slot passes to the next
+    # batch of this process; they leave when a batch of another model takes it or it goes back.
+    moved_out: list[float] = []
+    resident = (
+        Resident(key=id(loaded), evict=lambda: moved_out.append(models.move_model(loaded, "cpu")))
+        if settings.slot_size == 1
+        else None
+    )
     slot = gpu_slot(
         name,
         size=settings.slot_size,
         lease_seconds=settings.slot_lease_seconds,
         wait_seconds=settings.slot_wait_seconds,
         records_dir=settings.slot_records_dir,
+        handoff_seconds=settings.slot_handoff_seconds,
+        resident=resident,
     )
-    # The model lock keeps one thread of this process using (and moving) the shared weights.
-    with loaded.lock, slot as hold:
+    # The model lock keeps one thread of this process using (and moving) the shared weights;
+    # taken after the slot, so that the next batch waits at the slot, where it can be handed over.
+    with slot as hold, loaded.lock:
         logger.info("slot %s acquired after %.2f s for pages %s", name, hold.wait_seconds, pages)
         with session_scope(url) as session:
             queries.record_hold(
@@ -114,9 +126,10 @@ def infer_batch(
                 loaded, inputs, cfg, injector=injector_for(settings.inject_oom), on_call=on_call
             )
         finally:
-            move_out = models.move_model(loaded, "cpu")
+            if resident is None:
+                moved_out.append(models.move_model(loaded, "cpu"))
             gpu.free_memory(device)
-        released = datetime.now(timezone.utc)
+    released = datetime.now(timezone.utc)
     logger.info("slot %s released; %d ok, %d failed", name, len(outcome.done), len(outcome.failed))
     with session_scope(url) as session:
         queries.finish_hold(
@@ -124,7 +137,7 @@ def infer_batch(
             hold_id,
             released_at=released,
             move_in_seconds=move_in,
-            move_out_seconds=move_out,
+            move_out_seconds=sum(moved_out),
         )
     if outcome.oom_failed:
         raise InferenceOOMError(f"out of memory on pages {outcome.oom_failed} even one at a time")

@@ -23,6 +23,8 @@ KEYS = {
     "pages",
     "wall_seconds",
     "model_seconds",
+    "non_model_ms_per_page",
+    "work_seconds",
 }
 
 
@@ -58,6 +60,8 @@ def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert by_name["sequential"]["max_concurrent_calls"] == 1
     assert by_name["sequential"]["ratio_to_sequential"] == 1.0
     assert by_name["flow_batch1"]["batch_size"] == 1
+    for row in rows:  # the page work includes the model call, and both fit in the wall time
+        assert 0 < row["model_seconds"] <= row["work_seconds"] <= row["wall_seconds"]
     assert by_name["flow_best"]["batch_size"] == 2
     for row in rows:
         assert row["pages"] == 3

@@ -33,6 +33,7 @@ from prefect.concurrency._sync import (
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
+from tasks import gpu_slot as gpu_slot_module
 from tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
 from tests.support.servers import (
     REPO_ROOT,
@@ -99,10 +100,16 @@ def in_threads(count: int, target: Callable[[], None], timeout: float = 120) -> 
         raise errors[0]
 
 
-def hold_and_record(name: str, records: Path, out: list[Interval], holds: int, plain: bool):
+def hold_and_record(
+    name: str, records: Path, out: list[Interval], holds: int, plain: bool, handoff: float = 0.0
+):
     def work() -> None:
         for _ in range(holds):
-            slot = concurrency(name, occupy=1) if plain else gpu_slot(name, records_dir=records)
+            slot = (
+                concurrency(name, occupy=1)
+                if plain
+                else gpu_slot(name, records_dir=records, handoff_seconds=handoff)
+            )
             with slot:
                 start = time.monotonic()
                 time.sleep(0.3)
@@ -147,19 +154,22 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, Path
         stop_process_group(process, timeout=5)
 
 
-def run_workers(spawn, env, name: str, tmp: Path, *, plain: bool) -> list[Interval]:
+def run_workers(
+    spawn, env, name: str, tmp: Path, *, plain: bool, handoff: float = 0.0
+) -> list[Interval]:
     """4 threads here and 2 subprocesses, 2 holds of 0.3 s each, all starting on one signal."""
     go, out = tmp / "go", tmp / "intervals.txt"
     workers = []
     for index in range(2):
         ready = tmp / f"ready-{index}"
-        flags = ["--out", out, "--ready", ready, "--go", go] + (["--plain"] if plain else [])
+        flags = ["--out", out, "--ready", ready, "--go", go, "--handoff-seconds", handoff]
+        flags += ["--plain"] if plain else []
         workers.append((*spawn(env, "intervals", name, tmp / "records", *flags), ready))
     for process, log, ready in workers:
         wait_for(ready, process, log, START_TIMEOUT_S)
     here: list[Interval] = []
     go.touch()
-    in_threads(4, hold_and_record(name, tmp / "records", here, holds=2, plain=plain))
+    in_threads(4, hold_and_record(name, tmp / "records", here, 2, plain, handoff))
     for process, log, _ in workers:
         assert process.wait(timeout=120) == 0, tail(log)
     there = [line.split() for line in out.read_text().splitlines()]
@@ -169,12 +179,16 @@ def run_workers(spawn, env, name: str, tmp: Path, *, plain: bool) -> list[Interv
 # --- exclusion ---------------------------------------------------------------------------------
 
 
-def test_missing_limit_is_created_and_no_two_holders_overlap(use_prefect_server, spawn, tmp_path):
+@pytest.mark.parametrize("handoff", [0.0, 30.0], ids=["no-handoff", "handoff"])
+def test_missing_limit_is_created_and_no_two_holders_overlap(
+    use_prefect_server, spawn, tmp_path, handoff
+):
     name = unique_name("exclusive")
     with pytest.raises(ObjectNotFound):
         read_limit(name)
 
-    intervals = run_workers(spawn, clean_env(**use_prefect_server.env), name, tmp_path, plain=False)
+    env = clean_env(**use_prefect_server.env)
+    intervals = run_workers(spawn, env, name, tmp_path, plain=False, handoff=handoff)
 
     assert len(intervals) == 12
     assert len({pid for pid, _, _ in intervals}) == 3
@@ -240,6 +254,106 @@ def test_concurrent_setup_of_a_new_limit_all_succeed(use_prefect_server):
     in_threads(6, lambda: ensure_slot_limit(name, 3))
     limit = read_limit(name)
     assert (limit.active, limit.limit) == (True, 3)
+
+
+# --- hand-off inside one process ---------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def waiting_threads(name: str) -> int:
+    return gpu_slot_module._gates[(name, 1)].waiting
+
+
+def hold_after(name: str, records: Path, seen: list, *, handoff: float, resident=None):
+    """A thread that waits for the slot (registered as waiting on return) and notes its hold."""
+
+    def run() -> None:
+        with gpu_slot(
+            name, records_dir=records, handoff_seconds=handoff, resident=resident
+        ) as hold:
+            seen.append(("held", hold, read_limit(name).active_slots))
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
+    thread.start()
+    wait_until(lambda: waiting_threads(name) == 1)
+    return thread
+
+
+def test_a_waiting_thread_gets_the_lease_without_the_server_and_the_weights_stay(
+    use_prefect_server, tmp_path
+):
+    name, seen = unique_name("handoff"), []
+    first_resident = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
+    second_resident = gpu_slot_module.Resident("model-a", lambda: seen.append("evict b"))
+    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30, resident=first_resident) as first:
+        thread = hold_after(name, tmp_path, seen, handoff=30, resident=second_resident)
+    thread.join(60)
+
+    (_, second, active_while_second), evicted = seen
+    assert second.handed_over and not first.handed_over
+    assert second.lease_id == first.lease_id and active_while_second == 1
+    # Same key: the first holder's weights stay for the second; the second's leave at the end.
+    assert evicted == "evict b"
+    assert read_limit(name).active_slots == 0
+    assert list((tmp_path / name).glob("*.json")) == []
+
+
+def test_another_resident_is_evicted_before_the_next_holder_starts(use_prefect_server, tmp_path):
+    name, seen = unique_name("evict"), []
+    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
+    model_b = gpu_slot_module.Resident("model-b", lambda: seen.append("evict b"))
+    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30, resident=model_a):
+        thread = hold_after(name, tmp_path, seen, handoff=30, resident=model_b)
+    thread.join(60)
+
+    assert [entry if isinstance(entry, str) else entry[0] for entry in seen] == [
+        "evict a",
+        "held",
+        "evict b",
+    ]
+    assert seen[1][1].handed_over
+
+
+@pytest.mark.parametrize("handoff", [0.0, 0.001], ids=["disabled", "expired"])
+def test_without_handoff_the_slot_goes_back_to_the_server_first(
+    use_prefect_server, tmp_path, handoff
+):
+    name, seen = unique_name("no-handoff"), []
+    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
+    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=handoff, resident=model_a) as first:
+        time.sleep(0.002)  # older than the 1 ms hand-off window of the "expired" case
+        thread = hold_after(name, tmp_path, seen, handoff=handoff)
+    thread.join(60)
+
+    evicted, (_, second, _) = seen
+    assert evicted == "evict a"
+    assert not second.handed_over and second.lease_id != first.lease_id
+    assert read_limit(name).active_slots == 0
+
+
+def test_a_waiter_that_gives_up_releases_the_lease_parked_for_it(monkeypatch, tmp_path):
+    gate = gpu_slot_module._Gate(1)
+    parked = gpu_slot_module._Lease(uuid.uuid4(), time.monotonic())
+    released = []
+
+    def give_up(semaphore, name, deadline):
+        # The holder leaves while this waiter is still counted as waiting, then its time is up.
+        assert gpu_slot_module._park(gate, parked, handoff_seconds=30)
+        raise SlotError("gave up")
+
+    monkeypatch.setattr(gpu_slot_module, "_wait_for", give_up)
+    monkeypatch.setattr(
+        gpu_slot_module, "_release", lambda name, lease, records: released.append(lease)
+    )
+    with pytest.raises(SlotError):
+        gpu_slot_module._enter(gate, "slot", None, tmp_path)
+    assert released == [parked] and gate.parked == [] and gate.waiting == 0
 
 
 # --- holding, waiting and errors ---------------------------------------------------------------

@@ -182,3 +182,14 @@ def test_default_model_answers_a_real_page_with_text(tmp_path_factory):
     )
     assert answer.tokens_out > 3
     assert sum(ch.isalpha() for ch in answer.text) > 10
+
+
+def test_torch_threads_setting_sets_and_none_leaves_the_count():
+    before = torch.get_num_threads()
+    try:
+        models.use_torch_threads(1)
+        assert torch.get_num_threads() == 1
+        models.use_torch_threads(None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -52,8 +52,23 @@ class Settings(BaseSettings):
     slot_lease_seconds: float = Field(
         default=60, ge=60, le=86400, description="Lease of a held slot; a dead holder's expires."
     )
+    slot_handoff_seconds: float = Field(
+        default=30,
+        ge=0,
+        description=(
+            "Pass a held slot (and the weights on the device) straight to this process's next"
+            " waiting batch for up to this long after the server granted it; 0: give it back"
+            " after every batch."
+        ),
+    )
     slot_wait_seconds: float | None = Field(
         default=None, ge=1, description="Give up waiting for the slot after this long (None: wait)."
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="CPU threads torch uses for the model (None: torch's default, one per core).",
     )
     inference_timeout_seconds: float = Field(
         default=900, gt=0, description="A batch generating longer fails and frees the slot."

@@ -205,6 +205,12 @@ def generate_batch(
     return results
 
 
+def use_torch_threads(count: int | None) -> None:
+    """Set torch's CPU thread count for this process (None leaves torch's default)."""
+    if count is not None and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 def move_model(loaded: LoadedModel, device: str) -> float:
     """Move the weights to `device`; returns the seconds it took (0 when already there)."""
     started = time.perf_counter()
