@@ -1,4 +1,4 @@
-"""Measure a model's `generate` calls: how many run at once, how long the model was busy."""
+"""Measure calls: how many run at once, how long the model (or the page work) was busy."""
 
 from __future__ import annotations
 
@@ -7,49 +7,48 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 
-class CallMeter:
-    """Wraps `model.generate` on one model instance and records every call's interval.
+class Intervals:
+    """Records the intervals during which wrapped functions ran, from any thread.
 
-    Busy time is the union of the call intervals, so with one call at a time it is their sum and
-    with overlapping calls it is the time during which at least one call ran.
+    Busy time is the union of the intervals, so with one call at a time it is their sum and with
+    overlapping calls it is the time during which at least one call ran.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running = 0
-        self._peak_vram = 0
         self.reset()
 
-    def install(self, model: Any) -> None:
-        original = model.generate
-
-        @functools.wraps(original)
-        def generate(*args: Any, **kwargs: Any) -> Any:
+    def wrap(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def measured(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
                 self._running += 1
                 self.max_concurrent = max(self.max_concurrent, self._running)
             started = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                return function(*args, **kwargs)
             finally:
                 finished = time.perf_counter()
-                vram = _torch_peak_allocated()
                 with self._lock:
                     self._running -= 1
                     self.intervals.append((started, finished))
-                    self._peak_vram = max(self._peak_vram, vram or 0)
+                self.after_call()
 
-        model.generate = generate
+        return measured
+
+    def after_call(self) -> None:
+        """Hook for subclasses, run after every call."""
 
     def reset(self) -> None:
         """Forget the calls so far (the warm-up)."""
         with self._lock:
             self.intervals: list[tuple[float, float]] = []
             self.max_concurrent = 0
-            self._peak_vram = 0
 
     @property
     def calls(self) -> int:
@@ -64,6 +63,22 @@ class CallMeter:
             total += finish - max(start, end)
             end = finish
         return total
+
+
+class CallMeter(Intervals):
+    """Wraps `model.generate` on one model instance: calls in flight and the torch VRAM peak."""
+
+    def install(self, model: Any) -> None:
+        model.generate = self.wrap(model.generate)
+
+    def after_call(self) -> None:
+        vram = _torch_peak_allocated()
+        with self._lock:
+            self._peak_vram = max(self._peak_vram, vram or 0)
+
+    def reset(self) -> None:
+        super().reset()
+        self._peak_vram = 0
 
     @property
     def peak_vram_bytes(self) -> int | None:

@@ -9,9 +9,11 @@ Variants (each in a fresh interpreter, so peak RSS is its own):
   flow_batch1  vramflow's `process_pdf` flow with batch size 1
   flow_best    the flow at the fastest of `--batch-sizes`
 
-Model loading and a one-page warm-up run are left out of every timing. Overhead is wall time
-minus the time the model's `generate` was running, per page; the slot busy fraction comes from
-the database (inference time over first slot acquisition to last release).
+Model loading and a one-page warm-up run are left out of every timing. Orchestration overhead is
+wall time minus the time the page work ran (pypdf extraction in the process, and vramflow's
+`generate_batch`: prompt, tokens, generate, decode), per page; non-model time is wall time minus
+the time the model's `generate` ran, per page. The slot busy fraction comes from the database
+(inference time over first slot acquisition to last release).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ ROW_KEYS = (
     "pages",
     "wall_seconds",
     "model_seconds",
+    "non_model_ms_per_page",
+    "work_seconds",
 )
 
 
@@ -138,7 +142,7 @@ def to_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[s
         "name": name,
         "pages_per_s": rate,
         "ratio_to_sequential": rate / baseline if baseline else 1.0,
-        "overhead_ms_per_page": 1000 * (wall - figures["model_seconds"]) / pages,
+        "overhead_ms_per_page": 1000 * (wall - figures["work_seconds"]) / pages,
         "peak_rss_bytes": figures["peak_rss_bytes"],
         "peak_vram_bytes": figures["peak_vram_bytes"],
         "max_concurrent_calls": figures["max_concurrent_calls"],
@@ -147,6 +151,8 @@ def to_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[s
         "pages": pages,
         "wall_seconds": wall,
         "model_seconds": figures["model_seconds"],
+        "non_model_ms_per_page": 1000 * (wall - figures["model_seconds"]) / pages,
+        "work_seconds": figures["work_seconds"],
     }
     assert tuple(row) == ROW_KEYS
     return row
@@ -186,6 +192,14 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
             (c["batch_size"], c["pages"] / c["wall_seconds"], c["slot_busy_fraction"])
             for c in candidates
         ],
+        "fixed": [
+            (
+                f"flow_batch{c['batch_size']}",
+                c.get("before_first_hold_seconds"),
+                c.get("after_last_hold_seconds"),
+            )
+            for c in [batch1, *candidates]
+        ],
         "runs": {
             name: (figures["max_threads"], figures["cpu_pressure"])
             for name, figures in [
@@ -205,7 +219,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     gpu = any(row["peak_vram_bytes"] for row in rows)
-    header = ["variant", "batch", "pages/s", "× sequential", "overhead ms/page", "peak RSS MiB"]
+    header = ["variant", "batch", "pages/s", "× sequential", "orchestration ms/page"]
+    header += ["non-model ms/page", "peak RSS MiB"]
     header += ["peak VRAM MiB"] if gpu else []
     header += ["max concurrent calls", "slot busy"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -216,6 +231,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             _fmt(row["pages_per_s"], ".3f"),
             _fmt(row["ratio_to_sequential"], ".2f"),
             _fmt(row["overhead_ms_per_page"], ".0f"),
+            _fmt(row["non_model_ms_per_page"], ".0f"),
             _fmt(row["peak_rss_bytes"] / 2**20, ".0f"),
         ]
         if gpu:
@@ -243,6 +259,11 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
             table(rows),
             "",
             f"flow candidates: {candidates}",
+            "fixed cost of the document (s before the first slot hold / after the last): "
+            + ", ".join(
+                f"{name} {_fmt(before, '.2f')} / {_fmt(after, '.2f')}"
+                for name, before, after in context["fixed"]
+            ),
             "most threads seen, and CPU pressure (share of the run during which some task on",
             "this machine waited for a CPU; other work on the machine raises it):",
             "  "

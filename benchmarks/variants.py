@@ -8,7 +8,9 @@ VARIANT is `sequential` (pypdf + one generate call per page, no Prefect), `naive
 `--prefect-api-url`, or else on a temporary local server of its own).
 
 The model is loaded and every variant warmed up on a one-page document before the clock starts;
-each `generate` call is counted by a wrapper on the model instance.
+each `generate` call is counted by a wrapper on the model instance, and the page work (pypdf
+extraction in this process, and `generate_batch`: prompt, tokens, generate, decode) by wrappers
+on those functions.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import os
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from meter import CallMeter, cpu_stall_us, device_name, peak_rss_bytes  # noqa: E402
+from meter import CallMeter, Intervals, cpu_stall_us, device_name, peak_rss_bytes  # noqa: E402
 from pages import DEMO_PAGES, warmup_pdf  # noqa: E402
 
 VARIANTS = ("sequential", "naive_async", "flow")
+# The work every variant does per page; wall time outside it is what the orchestration costs.
+PAGE_WORK = Intervals()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -117,6 +122,7 @@ def _generate_one(loaded: Any, text: str, device: str, args: argparse.Namespace)
     return answer
 
 
+@PAGE_WORK.wrap
 def _extract(path: Path, number: int, reader: Any = None) -> str:
     from pypdf import PdfReader
 
@@ -141,8 +147,9 @@ def run_naive_async(loaded: Any, device: str, numbers: list[int], args: argparse
     return asyncio.run(every_page())
 
 
-def _slot_figures(url: str, run_id: str) -> dict[str, Any]:
-    """Slot busy fraction of one flow run from its slot_holds and attempts rows."""
+def _slot_figures(url: str, run_id: str, started: datetime, finished: datetime) -> dict[str, Any]:
+    """Slot busy fraction of one flow run from its slot_holds and attempts rows, and the time the
+    run spent before its first slot hold and after its last (the fixed cost of a document)."""
     from sqlalchemy import select
 
     from vramflow.db.models import Attempt, SlotHold
@@ -157,7 +164,8 @@ def _slot_figures(url: str, run_id: str) -> dict[str, Any]:
         ).all()
     if not holds or any(released is None for _, released in holds):
         return {"slot_busy_fraction": None, "slot_holds": len(holds), "slot_held_seconds": None}
-    phase = (max(r for _, r in holds) - min(a for a, _ in holds)).total_seconds()
+    first, last = min(a for a, _ in holds), max(r for _, r in holds)
+    phase = (last - first).total_seconds()
     inferring = sum(dict(calls).values())  # one row per page of a call: count each call once
     held = sum((r - a).total_seconds() for a, r in holds)
     return {
@@ -165,6 +173,8 @@ def _slot_figures(url: str, run_id: str) -> dict[str, Any]:
         "slot_holds": len(holds),
         "slot_held_seconds": held,
         "inference_phase_seconds": phase,
+        "before_first_hold_seconds": (first - started).total_seconds(),
+        "after_last_hold_seconds": (finished - last).total_seconds(),
     }
 
 
@@ -176,10 +186,11 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, numbers: list[int]) -> 
     common = {"model": args.model, "max_new_tokens": args.max_new_tokens}
     process_pdf(str(warmup_pdf(args.home)), batch_size=args.batch_size, **common)
     meter.reset()
+    PAGE_WORK.reset()
     with Sampler() as sampler:
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), datetime.now(timezone.utc)
         summary = process_pdf(str(args.pdf), batch_size=args.batch_size, **common)
-        wall = time.perf_counter() - started
+        wall, finished_at = time.perf_counter() - started, datetime.now(timezone.utc)
     if summary["pages_ok"] != len(numbers):
         raise SystemExit(f"flow finished {summary['pages_ok']} of {len(numbers)} pages: {summary}")
     url = Settings().resolved_database_url
@@ -189,7 +200,7 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, numbers: list[int]) -> 
         "rss_mib_profile": sampler.rss_profile(),
         "cpu_pressure": sampler.cpu_pressure,
         "database": url,
-        **_slot_figures(url, str(summary["flow_run_id"])),
+        **_slot_figures(url, str(summary["flow_run_id"]), started_at, finished_at),
     }
 
 
@@ -200,6 +211,7 @@ def run_plain(args: argparse.Namespace, meter: CallMeter, loaded: Any, numbers: 
     models.move_model(loaded, device)
     _generate_one(loaded, DEMO_PAGES[0], device, args)
     meter.reset()
+    PAGE_WORK.reset()
     run = run_sequential if args.variant == "sequential" else run_naive_async
     with Sampler() as sampler:
         started = time.perf_counter()
@@ -214,6 +226,14 @@ def run_plain(args: argparse.Namespace, meter: CallMeter, loaded: Any, numbers: 
         "cpu_pressure": sampler.cpu_pressure,
         "database": None,
     }
+
+
+def _measure_generate_batch() -> None:
+    """Count vramflow's `generate_batch` as page work, where the flow and the loops call it."""
+    from vramflow import inference, models
+
+    measured = PAGE_WORK.wrap(models.generate_batch)
+    models.generate_batch = inference.generate_batch = measured
 
 
 def main(argv: list[str]) -> None:
@@ -231,6 +251,7 @@ def main(argv: list[str]) -> None:
     loaded = models.load_model(args.model, args.model_cache_dir)  # cached per process by spec
     meter = CallMeter()
     meter.install(loaded.model)
+    _measure_generate_batch()
     if args.variant == "flow":
         figures = run_flow(args, meter, numbers)
     else:
@@ -242,6 +263,7 @@ def main(argv: list[str]) -> None:
         "pages": len(numbers),
         "batch_size": args.batch_size if args.variant == "flow" else 1,
         "model_seconds": meter.busy_seconds,
+        "work_seconds": PAGE_WORK.busy_seconds,
         "model_calls": meter.calls,
         "max_concurrent_calls": meter.max_concurrent,
         "peak_rss_bytes": peak_rss_bytes(),
