@@ -11,8 +11,12 @@ once instead of after the server's Retry-After.
 
 Hand-off: when a holder leaves while another thread of this process waits for the same slot, the
 lease is passed on instead of going back to the server (no round trip, and what the holder left
-on the device, such as the weights, can stay there), for up to `handoff_seconds` after the server
-granted it; after that it goes back so that other processes get their chance at it.
+on the device, such as the weights, can stay there). Once the lease is `handoff_seconds` old it
+goes back to the server instead if another process of this host waits for the slot.
+
+Fairness: Prefect's limits keep no queue, and a freed slot would nearly always go back to the
+process that freed it. Processes of this host waiting for a slot stand in line (marker files,
+`vramflow.slot_records.waiting_line`); only the one that has waited longest asks the server.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ from vramflow.errors import ConfigError, SlotError
 
 logger = logging.getLogger(__name__)
 
-# Longest pause between two polls of a taken slot. The server asks for up to 30 s (its
-# Retry-After), which leaves the GPU idle long after the holder in another process has left.
-_MAX_POLL_SECONDS = 2.0
+# Pause between two polls of a taken slot by the process first in line. The server asks for up
+# to 30 s (its Retry-After), which would leave the GPU idle long after the holder has left.
+_FIRST_IN_LINE_POLL_SECONDS = 0.25
+# Pause between two looks at the line by a process behind another (no server request).
+_IN_LINE_POLL_SECONDS = 0.1
 _ENSURE_ATTEMPTS = 4
 # Pause before asking again when the server answered 503 (its database was busy).
 _BUSY_RETRY_SECONDS = 0.05
@@ -161,7 +167,7 @@ def gpu_slot(
             ):
                 yield hold
         finally:
-            if not _park(gate, lease, handoff_seconds):
+            if not _park(gate, lease, handoff_seconds, records, name):
                 _release(name, lease, records)
                 gate.released.set()
             logger.info("left slot %s after holding %.2f s", name, time.monotonic() - held_since)
@@ -190,14 +196,28 @@ def _enter(gate: _Gate, name: str, deadline: float | None, records: Path) -> _Le
         return gate.parked.pop() if gate.parked else None
 
 
-def _park(gate: _Gate, lease: _Lease, handoff_seconds: float) -> bool:
-    """Keep `lease` for a waiting thread of this process, if one waits and it is young enough."""
-    if time.monotonic() - lease.granted >= handoff_seconds:
+def _park(gate: _Gate, lease: _Lease, handoff_seconds: float, records: Path, name: str) -> bool:
+    """Keep `lease` for a waiting thread of this process, if one waits, unless the lease is
+    older than `handoff_seconds` and another process of this host waits for the slot."""
+    if handoff_seconds <= 0:
+        return False
+    with gate.state:
+        if gate.waiting <= len(gate.parked):
+            return False
+    if time.monotonic() - lease.granted >= handoff_seconds and _others_waiting(records, name):
         return False
     with gate.state:
         if gate.waiting <= len(gate.parked):
             return False
         gate.parked.append(lease)
+        return True
+
+
+def _others_waiting(records: Path, name: str) -> bool:
+    try:
+        return slot_records.others_waiting(records, name)
+    except Exception as exc:  # never keep the slot (or leak it) over an unreadable line
+        logger.warning("cannot read the waiting line of %s (%s): giving the slot back", name, exc)
         return True
 
 
@@ -215,22 +235,27 @@ def _acquire(
     records_dir: Path,
     gate: _Gate,
 ) -> UUID:
-    while True:
-        gate.released.clear()
-        with _api_errors(), get_client(sync_client=True) as client:
-            limit = _ensure(client, name, size)
-            _recover_dead_holders(client, limit, records_dir)
-            granted, retry_after = _try_increment(client, name, lease_seconds)
-        if granted is not None:
-            _record(records_dir, name, *granted)
-            return granted[0]
-        pause = min(retry_after, _MAX_POLL_SECONDS)
-        remaining = _remaining(deadline)
-        if remaining is not None:
-            if remaining <= 0:
-                raise SlotError(f"gave up waiting for GPU slot {name!r}: it stayed taken")
-            pause = min(pause, remaining)
-        gate.released.wait(pause)
+    with slot_records.waiting_line(records_dir, name) as line:
+        while True:
+            gate.released.clear()
+            if line.ahead():
+                pause = _IN_LINE_POLL_SECONDS  # a process that waited longer asks first
+            else:
+                with _api_errors(), get_client(sync_client=True) as client:
+                    limit = _ensure(client, name, size)
+                    _recover_dead_holders(client, limit, records_dir)
+                    granted, retry_after = _try_increment(client, name, lease_seconds)
+                if granted is not None:
+                    _record(records_dir, name, *granted)
+                    return granted[0]
+                pause = min(retry_after, _FIRST_IN_LINE_POLL_SECONDS)
+            remaining = _remaining(deadline)
+            if remaining is not None:
+                if remaining <= 0:
+                    raise SlotError(f"gave up waiting for GPU slot {name!r}: it stayed taken")
+                pause = min(pause, remaining)
+            gate.released.wait(pause)
+            line.refresh()
 
 
 def _try_increment(

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
@@ -320,21 +321,102 @@ def test_another_resident_is_evicted_before_the_next_holder_starts(use_prefect_s
     assert seen[1][1].handed_over
 
 
-@pytest.mark.parametrize("handoff", [0.0, 0.001], ids=["disabled", "expired"])
-def test_without_handoff_the_slot_goes_back_to_the_server_first(
-    use_prefect_server, tmp_path, handoff
-):
-    name, seen = unique_name("no-handoff"), []
+@pytest.fixture
+def another_waiting_process(tmp_path: Path) -> Iterator[Callable[[str], None]]:
+    """Put a live process of this host in the waiting line of a slot, ahead of this one."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+    def stand_in_line(name: str) -> None:
+        folder = tmp_path / name / "waiting"
+        folder.mkdir(parents=True, exist_ok=True)
+        create_time = psutil.Process(sleeper.pid).create_time()
+        waiter = slot_records.Waiter(sleeper.pid, create_time, time.time() - 60)
+        (folder / f"{sleeper.pid}.json").write_text(json.dumps(dataclasses.asdict(waiter)))
+
+    yield stand_in_line
+    sleeper.kill()
+    sleeper.wait()
+
+
+def second_hold_after_first(name: str, records: Path, handoff: float, seen: list):
     model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=handoff, resident=model_a) as first:
-        time.sleep(0.002)  # older than the 1 ms hand-off window of the "expired" case
-        thread = hold_after(name, tmp_path, seen, handoff=handoff)
+    with gpu_slot(name, records_dir=records, handoff_seconds=handoff, resident=model_a) as first:
+        thread = hold_after(name, records, seen, handoff=handoff)
     thread.join(60)
+    return first
+
+
+def test_without_handoff_the_slot_goes_back_to_the_server_first(use_prefect_server, tmp_path):
+    name, seen = unique_name("no-handoff"), []
+    first = second_hold_after_first(name, tmp_path, 0.0, seen)
 
     evicted, (_, second, _) = seen
     assert evicted == "evict a"
     assert not second.handed_over and second.lease_id != first.lease_id
     assert read_limit(name).active_slots == 0
+
+
+def test_an_old_lease_still_passes_on_when_no_other_process_waits(use_prefect_server, tmp_path):
+    name, seen = unique_name("old-alone"), []
+    first = second_hold_after_first(name, tmp_path, 0.001, seen)  # old by the time it is left
+
+    evicted, (_, second, _) = seen  # the second holder leaves nothing: the device is cleared
+    assert second.handed_over and second.lease_id == first.lease_id
+    assert evicted == "evict a"
+
+
+def test_an_old_lease_goes_back_when_another_process_waits(
+    use_prefect_server, tmp_path, another_waiting_process
+):
+    name, seen = unique_name("old-shared"), []
+    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
+    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=0.001, resident=model_a):
+        thread = hold_after(name, tmp_path, seen, handoff=0.001)
+        another_waiting_process(name)  # it waited longer than our second thread
+    # The slot went back to the server, and our waiter lets the process ahead of it ask first:
+    # it stays in line while that process (which never asks) waits.
+    wait_until(lambda: read_limit(name).active_slots == 0)
+    assert seen == ["evict a"] and thread.is_alive()
+    for marker in (tmp_path / name / "waiting").glob("*.json"):
+        if marker.stem != str(os.getpid()):
+            marker.unlink()  # the other process leaves the line
+    thread.join(60)
+    assert seen[1][0] == "held" and not seen[1][1].handed_over
+
+
+def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
+    use_prefect_server, spawn, tmp_path
+):
+    """Threads here keep the slot busy with hand-offs; a second process still gets its turn."""
+    name, records, marker = unique_name("fair"), tmp_path / "records", tmp_path / "taken.json"
+    ensure_slot_limit(name, 1)
+    holds: list[Interval] = []
+
+    def keep_busy() -> None:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            with gpu_slot(name, records_dir=records, handoff_seconds=0.5):
+                start = time.monotonic()
+                time.sleep(0.1)
+                holds.append((os.getpid(), start, time.monotonic()))
+
+    busy = [
+        threading.Thread(target=contextvars.copy_context().run, args=(keep_busy,)) for _ in "ab"
+    ]
+    for thread in busy:
+        thread.start()
+    wait_until(lambda: len(holds) >= 3)
+    process, log = spawn(
+        clean_env(**use_prefect_server.env), "take", name, records, "--marker", marker
+    )
+    assert process.wait(timeout=START_TIMEOUT_S) == 0, tail(log)
+    for thread in busy:
+        thread.join(60)
+
+    taken = json.loads(marker.read_text())
+    # Behind a 0.5 s hand-off window, a 0.1 s hold and the 0.25 s poll of the first in line.
+    assert taken["wait_seconds"] < 3.0, taken
+    assert len(holds) >= 4
 
 
 def test_a_waiter_that_gives_up_releases_the_lease_parked_for_it(monkeypatch, tmp_path):
@@ -344,7 +426,7 @@ def test_a_waiter_that_gives_up_releases_the_lease_parked_for_it(monkeypatch, tm
 
     def give_up(semaphore, name, deadline):
         # The holder leaves while this waiter is still counted as waiting, then its time is up.
-        assert gpu_slot_module._park(gate, parked, handoff_seconds=30)
+        assert gpu_slot_module._park(gate, parked, 30, tmp_path, "slot")
         raise SlotError("gave up")
 
     monkeypatch.setattr(gpu_slot_module, "_wait_for", give_up)
@@ -517,3 +599,26 @@ def test_each_dead_record_goes_to_exactly_one_of_racing_claimers(tmp_path):
         ),
     )
     assert sorted(claims) == sorted(written)
+
+
+def test_the_waiting_line_ignores_dead_and_stale_waiters_and_orders_by_waiting_time(
+    tmp_path, another_waiting_process
+):
+    name = "line"
+    with slot_records.waiting_line(tmp_path, name) as line:
+        assert line.ahead() == [] and not slot_records.others_waiting(tmp_path, name)
+        folder = tmp_path / name / "waiting"
+        dead = slot_records.Waiter(pid=2**22 + 7, create_time=1.0, since=0.0)
+        (folder / f"{dead.pid}.json").write_text(json.dumps(dataclasses.asdict(dead)))
+        assert line.ahead() == []  # a process that is gone holds nobody up
+
+        another_waiting_process(name)  # alive, and waiting since a minute ago
+        [ahead] = line.ahead()
+        assert slot_records.others_waiting(tmp_path, name)
+        marker = folder / f"{ahead.pid}.json"
+        os.utime(marker, (time.time() - 60, time.time() - 60))
+        assert line.ahead() == []  # not refreshed for a minute: stopped, or stuck
+
+        line.refresh()  # our own marker stays fresh
+        assert (folder / f"{os.getpid()}.json").exists()
+    assert not (folder / f"{os.getpid()}.json").exists()

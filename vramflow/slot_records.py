@@ -4,6 +4,9 @@ A holder writes `<records_dir>/<slot name>/<lease id>.json` right after it gets 
 removes it before it gives the slot back. A record whose process is gone (its pid no longer
 exists, is a zombie, or now belongs to a younger process) marks a slot that nobody will release:
 `claim_dead_records` hands each such record to exactly one caller, which then frees the slot.
+
+Processes waiting for a slot stand in a line of marker files, `<slot name>/waiting/<pid>.json`
+(see `waiting_line`), so that the slot goes to the process that has waited longest.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import logging
 import os
 import socket
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,16 +86,20 @@ def write_record(records_dir: Path, record: Record) -> Path:
     """Write `record` atomically (readers never see a partial file); returns its path."""
     folder = _slot_dir(records_dir, record.name)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    path = folder / f"{record.lease_id}.json"
+    _write_atomically(path, record.to_json())
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(record.to_json())
-        path = folder / f"{record.lease_id}.json"
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def remove_record(records_dir: Path, name: str, lease_id: UUID) -> bool:
@@ -136,6 +146,87 @@ def is_alive(pid: int, create_time: float) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+# --- the line of processes waiting for a slot ----------------------------------------------------
+#
+# Prefect's limits keep no queue: a freed slot goes to whichever process asks first, which is
+# nearly always the process that just freed it. Processes of this host that wait for a slot
+# therefore write a marker; the one waiting longest asks the server, the others let it.
+
+# A waiter refreshes its marker at every poll; one not refreshed for this long is ignored (a
+# process stopped with SIGSTOP, or a clock jump), so that nobody waits behind it forever.
+_STALE_MARKER_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A process of this host waiting for slot `name` since `since` (seconds since the epoch)."""
+
+    pid: int
+    create_time: float
+    since: float
+
+
+class WaitingLine:
+    """This process's place in the line for slot `name`; see `waiting_line`."""
+
+    def __init__(self, folder: Path, me: Waiter) -> None:
+        self._folder, self._me = folder, me
+        self._path = folder / f"{me.pid}.json"
+
+    def refresh(self) -> None:
+        """Show that this process still waits (its marker is not stale)."""
+        try:
+            os.utime(self._path)
+        except FileNotFoundError:  # removed by hand or by a cleanup: put it back
+            _write_atomically(self._path, json.dumps(asdict(self._me)))
+
+    def ahead(self) -> list[Waiter]:
+        """Live processes of this host that have waited longer than this one."""
+        return [w for w in _live_waiters(self._folder) if _before(w, self._me)]
+
+
+@contextmanager
+def waiting_line(records_dir: Path, name: str) -> Iterator[WaitingLine]:
+    """Stand in line for slot `name` for the duration of the block."""
+    folder = _slot_dir(records_dir, name) / "waiting"
+    folder.mkdir(parents=True, exist_ok=True)
+    me = Waiter(os.getpid(), psutil.Process().create_time(), time.time())
+    line = WaitingLine(folder, me)
+    _write_atomically(line._path, json.dumps(asdict(me)))
+    try:
+        yield line
+    finally:
+        line._path.unlink(missing_ok=True)
+
+
+def others_waiting(records_dir: Path, name: str) -> bool:
+    """Whether a live process of this host other than this one waits for slot `name`."""
+    folder = _slot_dir(records_dir, name) / "waiting"
+    if not folder.is_dir():
+        return False
+    return any(w.pid != os.getpid() for w in _live_waiters(folder))
+
+
+def _live_waiters(folder: Path) -> list[Waiter]:
+    now, waiters = time.time(), []
+    for path in folder.glob("*.json"):
+        try:
+            fresh = now - path.stat().st_mtime < _STALE_MARKER_SECONDS
+            waiter = Waiter(**json.loads(path.read_text())) if fresh else None
+        except FileNotFoundError:
+            continue
+        except (ValueError, TypeError) as exc:
+            logger.warning("ignoring unreadable waiting marker %s: %s", path, exc)
+            continue
+        if waiter is not None and is_alive(waiter.pid, waiter.create_time):
+            waiters.append(waiter)
+    return waiters
+
+
+def _before(a: Waiter, b: Waiter) -> bool:
+    return (a.since, a.pid) < (b.since, b.pid)
 
 
 def _read(path: Path) -> Record | None:
