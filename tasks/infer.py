@@ -106,7 +106,6 @@ def infer_batch(
     # The model lock keeps one thread of this process using (and moving) the shared weights;
     # taken after the slot, so that the next batch waits at the slot, where it can be handed over.
     with slot as hold, loaded.lock:
-        logger.info("slot %s acquired after %.2f s for pages %s", name, hold.wait_seconds, pages)
         with session_scope(url) as session:
             queries.record_hold(
                 session,
@@ -130,7 +129,16 @@ def infer_batch(
                 moved_out.append(models.move_model(loaded, "cpu"))
             gpu.free_memory(device)
     released = datetime.now(timezone.utc)
-    logger.info("slot %s released; %d ok, %d failed", name, len(outcome.done), len(outcome.failed))
+    # One line per batch: every log line is a request to the Prefect API and a database write.
+    logger.info(
+        "pages %s: %d ok, %d failed (slot %s %s after waiting %.2f s)",
+        pages,
+        len(outcome.done),
+        len(outcome.failed),
+        name,
+        "handed over" if hold.handed_over else "acquired",
+        hold.wait_seconds,
+    )
     with session_scope(url) as session:
         queries.finish_hold(
             session,
