@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -84,6 +85,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--torch-threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
     parser.add_argument(
+        "--flow-torch-threads",
+        type=int,
+        default=None,
+        help="VRAMFLOW_TORCH_THREADS for the flow variants only (default: unset)",
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         default=None,
@@ -126,9 +133,14 @@ def run_variant(
         *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
         *extra,
     ]
+    env = dict(os.environ)
+    if variant == "flow" and getattr(args, "flow_torch_threads", None):
+        env["VRAMFLOW_TORCH_THREADS"] = str(args.flow_torch_threads)
     say(f"running {label} ...")
     with open(work / f"{label}.log", "wb") as log:
-        code = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log).returncode
+        code = subprocess.run(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+        ).returncode
     if code != 0:
         tail = (work / f"{label}.log").read_text(errors="replace")[-3000:]
         raise SystemExit(f"{label} failed (exit {code}):\n{tail}")
@@ -185,7 +197,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
         for name, figures in zip(ROW_NAMES, [sequential, naive, batch1, best], strict=True)
     ]
     context = {
-        "device": sequential["device"],
+        "device": sequential["device"]
+        + ("" if batch1["device"] == sequential["device"] else f"; flow: {batch1['device']}"),
         "database": f"SQLite, a fresh file per flow process ({batch1['database']})",
         "pages_from": pages_from,
         "candidates": [
