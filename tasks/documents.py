@@ -36,6 +36,7 @@ def open_document(path: str, password: str | None, settings: Settings) -> tuple[
             max_file_bytes=settings.max_file_bytes,
             max_pages=settings.max_pages,
             timeout_s=settings.document_timeout_seconds,
+            sha256=sha256,
         )
     except DocumentError as exc:
         with session_scope(settings.resolved_database_url) as session:

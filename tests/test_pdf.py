@@ -137,6 +137,17 @@ def _check_page_outcomes(row: dict[str, str], pages: list[pdf.PageText]) -> None
     assert abs(sum(page.chars for page in pages) - expected_chars) <= max(10, expected_chars * 0.05)
 
 
+def test_a_digest_the_caller_already_has_is_not_computed_again(tmp_path: Path, monkeypatch):
+    path = _write_pdf(tmp_path / "doc.pdf", ["Hello vramflow"])
+    digest = pdf.file_sha256(path)
+
+    def read_again(_path):
+        raise AssertionError("the file was hashed a second time")
+
+    monkeypatch.setattr(pdf, "file_sha256", read_again)
+    assert pdf.open_document(path, **LIMITS, sha256=digest).sha256 == digest
+
+
 def test_text_pages_and_empty_pages(tmp_path: Path) -> None:
     path = _write_pdf(tmp_path / "doc.pdf", ["Hello vramflow", "", "A\\000B"])
     info = pdf.open_document(path, **LIMITS)

@@ -122,9 +122,11 @@ def open_document(
     max_file_bytes: int,
     max_pages: int,
     timeout_s: float,
+    sha256: str | None = None,
 ) -> DocumentInfo:
     """Check that a file is a PDF vramflow can read and count its pages.
 
+    `sha256`, when the caller has already hashed the file, saves reading it a second time.
     Raises only `vramflow.errors` exceptions: `NotAPdfError`, `EncryptedPdfError`,
     `LimitExceededError` or `DocumentError`, each with a message that names the file.
     """
@@ -138,7 +140,7 @@ def open_document(
             f"{resolved} has {page_count:,} pages, more than the limit of {max_pages:,}"
         )
     try:
-        digest = file_sha256(resolved)
+        digest = sha256 or file_sha256(resolved)
     except OSError as exc:
         raise _cannot_read(resolved, type(exc).__name__, exc.strerror or str(exc)) from exc
     return DocumentInfo(resolved, digest, size, page_count, encrypted)
