@@ -146,7 +146,9 @@ def gpu_slot(
         if parked is None:
             with _held(gate.poll, name, deadline):
                 lease_id = _acquire(name, size, lease_seconds, deadline, records, gate)
-        lease = parked or _Lease(lease_id, time.monotonic())
+            lease = _Lease(lease_id, time.monotonic())
+        else:
+            lease = parked
         held_since = time.monotonic()
         try:
             if lease.resident is not None and (

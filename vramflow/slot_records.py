@@ -175,12 +175,19 @@ class WaitingLine:
         self._folder, self._me = folder, me
         self._path = folder / f"{me.pid}.json"
 
+    def join(self) -> None:
+        """Write this process's marker (again, if it was removed by hand or by a cleanup)."""
+        _write_atomically(self._path, json.dumps(asdict(self._me)))
+
+    def leave(self) -> None:
+        self._path.unlink(missing_ok=True)
+
     def refresh(self) -> None:
         """Show that this process still waits (its marker is not stale)."""
         try:
             os.utime(self._path)
-        except FileNotFoundError:  # removed by hand or by a cleanup: put it back
-            _write_atomically(self._path, json.dumps(asdict(self._me)))
+        except FileNotFoundError:
+            self.join()
 
     def ahead(self) -> list[Waiter]:
         """Live processes of this host that have waited longer than this one."""
@@ -190,23 +197,26 @@ class WaitingLine:
 @contextmanager
 def waiting_line(records_dir: Path, name: str) -> Iterator[WaitingLine]:
     """Stand in line for slot `name` for the duration of the block."""
-    folder = _slot_dir(records_dir, name) / "waiting"
+    folder = _line_dir(records_dir, name)
     folder.mkdir(parents=True, exist_ok=True)
-    me = Waiter(os.getpid(), psutil.Process().create_time(), time.time())
-    line = WaitingLine(folder, me)
-    _write_atomically(line._path, json.dumps(asdict(me)))
+    line = WaitingLine(folder, Waiter(os.getpid(), psutil.Process().create_time(), time.time()))
+    line.join()
     try:
         yield line
     finally:
-        line._path.unlink(missing_ok=True)
+        line.leave()
 
 
 def others_waiting(records_dir: Path, name: str) -> bool:
     """Whether a live process of this host other than this one waits for slot `name`."""
-    folder = _slot_dir(records_dir, name) / "waiting"
+    folder = _line_dir(records_dir, name)
     if not folder.is_dir():
         return False
     return any(w.pid != os.getpid() for w in _live_waiters(folder))
+
+
+def _line_dir(records_dir: Path, name: str) -> Path:
+    return _slot_dir(records_dir, name) / "waiting"
 
 
 def _live_waiters(folder: Path) -> list[Waiter]:
