@@ -23,7 +23,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from pages import write_prose_pdf  # noqa: E402
 from server import temporary_prefect_server  # noqa: E402
-from throughput import run_variant, say, work_folder  # noqa: E402
+from throughput import add_output_options, run_variant, say, work_folder  # noqa: E402
 
 TARGET_RATIO = 1.25
 
@@ -38,13 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=4, help="default 4")
     parser.add_argument("--max-input-tokens", type=int, default=1536, help="default 1536")
     parser.add_argument("--torch-threads", type=int, default=None)
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=None,
-        help="keep inputs and logs here (default: a temp dir)",
-    )
-    parser.add_argument("--json", action="store_true", help="print only the rows, as JSON")
+    add_output_options(parser)
     return parser.parse_args(argv)
 
 

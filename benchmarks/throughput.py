@@ -90,6 +90,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="VRAMFLOW_TORCH_THREADS for the flow variants only (default: unset)",
     )
+    add_output_options(parser)
+    return parser.parse_args(argv)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """`--work-dir` and `--json`, shared with scale.py."""
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -97,7 +103,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="keep inputs and logs here (default: a temp dir)",
     )
     parser.add_argument("--json", action="store_true", help="print only the rows, as JSON")
-    return parser.parse_args(argv)
 
 
 def batch_sizes(text: str) -> list[int]:
