@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +20,7 @@ from tests.support.corpus import CORPUS, manifest_rows, needs_corpus, row_passwo
 from vramflow import pdf
 from vramflow.errors import DocumentError, EncryptedPdfError, LimitExceededError, NotAPdfError
 
+REPO = Path(__file__).resolve().parents[1]
 LIMITS = {"max_file_bytes": 64 * 1024**2, "max_pages": 5000, "timeout_s": 60.0}
 PAGE_TIMEOUT_S = 60.0
 
@@ -163,6 +167,27 @@ def test_text_pages_and_empty_pages(tmp_path: Path) -> None:
     )
     assert (empty.status, empty.text, empty.chars) == ("no_text", "", 0)
     assert (nul.status, nul.text) == ("ok", "AB")
+
+
+def test_workers_find_packages_the_caller_found_on_pythonpath(tmp_path: Path) -> None:
+    """Dependencies reachable only through PYTHONPATH (`pip install --target`, some container
+    images) reach the isolated PDF worker processes too."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("needs a virtual environment, to run its base interpreter without pypdf")
+    base = shutil.which("python3", path=str(Path(sys.base_prefix) / "bin"))
+    if base is None or subprocess.run([base, "-c", "import pypdf"]).returncode == 0:
+        pytest.skip("the base interpreter has pypdf of its own")
+    path = _write_pdf(tmp_path / "doc.pdf", ["Hello vramflow"])
+    site = [entry for entry in sys.path if entry.endswith("site-packages")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *site])}
+    code = (
+        "import sys; from vramflow import pdf; "
+        "print(pdf.extract_page(sys.argv[1], 1, timeout_s=60).text)"
+    )
+    done = subprocess.run(
+        [base, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "Hello vramflow"), done.stderr[-2000:]
 
 
 def test_page_outside_document_fails_alone(tmp_path: Path) -> None:

@@ -30,10 +30,15 @@ START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 2.0
 STATS_TIMEOUT_S = 10.0
 # Isolated mode (-I) keeps the working folder and PYTHON* variables out of the worker's imports;
-# the package folder is added explicitly so the worker runs this very copy of vramflow.
-_BOOT = (
-    "import sys; sys.path.insert(0, {root!r}); from vramflow.pdf_worker import main; main(sys.argv)"
-)
+# the worker gets the parent's import path instead (PYTHONPATH included, as the parent read it),
+# with this package's folder first, so it runs this very copy of vramflow.
+_BOOT = "import sys; sys.path[:] = {path!r}; from vramflow.pdf_worker import main; main(sys.argv)"
+
+
+def worker_import_path() -> list[str]:
+    """The worker's `sys.path`: this package's folder, then the parent's own entries."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return [root, *(entry for entry in sys.path if entry and entry != root)]
 
 
 class WorkerDiedError(Exception):
@@ -45,10 +50,10 @@ class Worker:
 
     def __init__(self, start_timeout_s: float = START_TIMEOUT_S) -> None:
         ours, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parent.parent)
+        boot = _BOOT.format(path=worker_import_path())
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT.format(root=root), str(theirs.fileno())],
+                [sys.executable, "-I", "-c", boot, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
