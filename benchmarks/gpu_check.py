@@ -86,7 +86,8 @@ def oom_split(args: argparse.Namespace) -> None:
 
     device, cuda = args.device, args.device.startswith("cuda")
     settings = Settings()
-    loaded = models.load_model(args.model, args.model_cache_dir)
+    dtype = models.resolve_dtype(settings.dtype, device)
+    loaded = models.load_model(args.model, args.model_cache_dir, dtype)  # the flow's copy too
     texts = [page.extract_text() for page in PdfReader(args.pdf).pages][:OOM_BATCH]
     weights, batch1, batch8 = _measure_batches(loaded, texts, device, settings)
     total = torch.cuda.mem_get_info(device)[1] if cuda else 0
@@ -206,7 +207,9 @@ def worker(args: argparse.Namespace) -> None:
 
     settings = Settings()
     device = args.device
-    loaded = models.load_model(args.model, args.model_cache_dir)
+    loaded = models.load_model(
+        args.model, args.model_cache_dir, models.resolve_dtype(settings.dtype, device)
+    )
     texts = [page.extract_text() for page in _reader(args.pdf).pages][: args.pages_per_worker]
     pages = [PageInput(number, text) for number, text in enumerate(texts, start=1)]
     cfg = GenerationSettings(

@@ -243,12 +243,15 @@ def main(argv: list[str]) -> None:
     import torch
     from pypdf import PdfReader
 
-    from vramflow import models
+    from vramflow import gpu, models
+    from vramflow.config import Settings
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     numbers = list(range(1, len(PdfReader(args.pdf).pages) + 1))
-    loaded = models.load_model(args.model, args.model_cache_dir)  # cached per process by spec
+    # The flow resolves the dtype the same way, and so finds this copy in the process's cache.
+    dtype = models.resolve_dtype(Settings().dtype, gpu.resolve_device(Settings().device))
+    loaded = models.load_model(args.model, args.model_cache_dir, dtype)
     meter = CallMeter()
     meter.install(loaded.model)
     _measure_generate_batch()
@@ -268,7 +271,7 @@ def main(argv: list[str]) -> None:
         "max_concurrent_calls": meter.max_concurrent,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_vram_bytes": meter.peak_vram_bytes,
-        "device": device_name(),
+        "device": f"{device_name()}, {str(dtype).removeprefix('torch.')}",
         "slot_busy_fraction": None,
         **figures,
     }

@@ -80,7 +80,9 @@ def infer_batch(
     if not inputs:
         return {"ok": 0, "failed": 0}
     device = gpu.resolve_device(settings.device)
-    loaded = models.load_model(settings.model, settings.model_cache_dir)
+    loaded = models.load_model(
+        settings.model, settings.model_cache_dir, models.resolve_dtype(settings.dtype, device)
+    )
     models.use_torch_threads(settings.torch_threads)
     cfg = GenerationSettings(
         settings.prompt,

@@ -150,3 +150,22 @@ def test_device_memory_is_handed_back_only_with_the_weights(env, tiny_model_dir,
     assert moves_off >= 1 and events[-2:] == ["move cpu", "free"]
     assert events.count("free") == moves_off
     assert all(events[i - 1].startswith("move") for i, e in enumerate(events) if e == "free")
+
+
+def test_the_flow_loads_the_weights_in_the_configured_dtype(env, tiny_model_dir, monkeypatch):
+    import torch
+
+    from vramflow import models
+
+    asked: list[torch.dtype] = []
+    load = models.load_model
+
+    def recorded_load(spec, cache_dir, dtype=torch.float32):
+        asked.append(dtype)
+        return load(spec, cache_dir, dtype)
+
+    monkeypatch.setattr(models, "load_model", recorded_load)
+    monkeypatch.setenv("VRAMFLOW_DTYPE", "bfloat16")
+    summary = run(tiny_model_dir, pages="1-2")
+    assert summary["pages_ok"] == 2
+    assert asked and set(asked) == {torch.bfloat16}

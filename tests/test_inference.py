@@ -193,3 +193,36 @@ def test_torch_threads_setting_sets_and_none_leaves_the_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_dtype_auto_is_float32_on_cpu_and_half_on_cuda(monkeypatch):
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("float16", "cpu") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert models.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert models.resolve_dtype("auto", "cuda:1") == torch.float16
+    assert models.resolve_dtype("float32", "cuda:0") == torch.float32
+
+
+def test_dtype_setting_is_checked(monkeypatch):
+    from pydantic import ValidationError
+
+    from vramflow.config import Settings
+
+    monkeypatch.setenv("VRAMFLOW_DTYPE", "int8")
+    with pytest.raises(ValidationError, match="float16"):
+        Settings()
+
+
+def test_each_dtype_is_its_own_cached_model_and_answers(tiny, tiny_model_dir, tmp_path):
+    half = models.load_model(str(tiny_model_dir), tmp_path, torch.bfloat16)
+    assert half is not tiny and half is models.load_model(
+        str(tiny_model_dir), tmp_path, torch.bfloat16
+    )
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert next(tiny.model.parameters()).dtype == torch.float32
+    out = models.generate_batch(
+        half, PROMPT, ["a page"], device="cpu", max_new_tokens=3, max_input_tokens=64, timeout_s=60
+    )
+    assert len(out) == 1 and 0 < out[0].tokens_out <= 3

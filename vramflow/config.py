@@ -7,6 +7,7 @@ reads the environment at import time.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,13 @@ class Settings(BaseSettings):
     prompt: str = Field(default=DEFAULT_PROMPT, description="Instruction applied to every page.")
     device: str = Field(
         default="auto", description="`auto` (CUDA if available, else CPU), `cpu` or `cuda:N`."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description=(
+            "Weights' dtype. `auto`: float32 on the CPU; bfloat16 on CUDA (float16 on cards"
+            " without bfloat16), half the memory of float32 and faster."
+        ),
     )
     max_new_tokens: int = Field(default=64, ge=1, le=8192, description="Tokens generated per page.")
     batch_size: int = Field(default=4, ge=1, le=256, description="Pages per call and hold.")

