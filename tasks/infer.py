@@ -19,7 +19,7 @@ from vramflow.db import queries
 from vramflow.db.session import session_scope
 from vramflow.errors import InferenceOOMError
 from vramflow.faults import injector_for
-from vramflow.inference import GenerationSettings, PageInput, run_batch
+from vramflow.inference import GenerationSettings, PageInput, batch_limit, run_batch
 from vramflow.runs import generation_settings_json, key_parts
 
 
@@ -137,7 +137,12 @@ def infer_batch(
         move_in = models.move_model(loaded, device)
         try:
             outcome = run_batch(
-                loaded, inputs, cfg, injector=injector_for(settings.inject_oom), on_call=on_call
+                loaded,
+                inputs,
+                cfg,
+                injector=injector_for(settings.inject_oom),
+                on_call=on_call,
+                limit=batch_limit(settings.model, device),
             )
         finally:
             if resident is None:

@@ -78,6 +78,18 @@ def test_injected_oom_twice_splits_and_the_page_succeeds(env, tiny_model_dir, mo
     assert summary["oom_attempts"] == 2
 
 
+def test_a_later_batch_starts_at_the_size_that_fitted(env, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "above=1")  # room for one page per call
+    first = run(tiny_model_dir, batch_size=4, pages="1-4")
+    assert first["status"] == "done" and first["pages_ok"] == 4
+    assert attempts_of(env, 1) == [("oom", 4), ("oom", 2), ("ok", 1)]
+    # A later run of this process starts its batch of two one page at a time, with no failed
+    # call first.
+    second = run(tiny_model_dir, batch_size=2, pages="5-6")
+    assert second["pages_inferred"] == 2 and second["oom_attempts"] == 0
+    assert attempts_of(env, 5) == [("ok", 1)] and attempts_of(env, 6) == [("ok", 1)]
+
+
 def test_oom_every_time_fails_that_page_only(env, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "page=2,times=all")
     summary = run(tiny_model_dir)

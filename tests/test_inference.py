@@ -8,7 +8,7 @@ import torch
 from vramflow import gpu, models
 from vramflow.errors import ConfigError, InferenceTimeoutError, ModelError
 from vramflow.faults import injector_for, parse_spec
-from vramflow.inference import GenerationSettings, PageInput, run_batch
+from vramflow.inference import BatchLimit, GenerationSettings, PageInput, run_batch
 
 PROMPT = "Summarise this page in one sentence."
 
@@ -226,3 +226,33 @@ def test_each_dtype_is_its_own_cached_model_and_answers(tiny, tiny_model_dir, tm
         half, PROMPT, ["a page"], device="cpu", max_new_tokens=3, max_input_tokens=64, timeout_s=60
     )
     assert len(out) == 1 and 0 < out[0].tokens_out <= 3
+
+
+def test_batch_limit_learns_from_oom_and_grows_back():
+    limit = BatchLimit(grow_after=2)
+    assert [len(c) for c in limit.chunks(pages(5))] == [5]
+    limit.ran_out(1)  # a single page that does not fit teaches nothing
+    assert limit.max_pages is None
+    limit.ran_out(8)
+    limit.ran_out(4)
+    assert limit.max_pages == 2 and [len(c) for c in limit.chunks(pages(5))] == [2, 2, 1]
+    limit.fitted(1)  # smaller than the limit: no evidence that the limit fits
+    limit.fitted(2)
+    assert limit.max_pages == 2
+    limit.fitted(2)
+    assert limit.max_pages == 4
+
+
+def test_a_batch_that_ran_out_of_memory_sets_the_size_of_the_next(tiny):
+    injector, limit = parse_spec("above=2"), BatchLimit()
+    first, second = [], []
+    outcome = run_batch(
+        tiny, pages(4), settings(), injector=injector, on_call=first.append, limit=limit
+    )
+    assert sorted(outcome.done) == [1, 2, 3, 4]
+    assert [(c.outcome, len(c.pages)) for c in first] == [("oom", 4), ("ok", 2), ("ok", 2)]
+    outcome = run_batch(
+        tiny, pages(4), settings(), injector=injector, on_call=second.append, limit=limit
+    )
+    assert sorted(outcome.done) == [1, 2, 3, 4]
+    assert [(c.outcome, len(c.pages)) for c in second] == [("ok", 2), ("ok", 2)]

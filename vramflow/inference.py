@@ -1,12 +1,17 @@
 """Run a batch of pages through the model, splitting it on out-of-memory down to one page.
 
 Plain Python: the caller holds the GPU slot and has moved the weights; every model call is
-reported through `on_attempt` as soon as it ends, so the database never lags the work.
+reported through `on_call` as soon as it ends, so the database never lags the work.
+
+A `BatchLimit` remembers, per model and device in this process, how many pages fit after an
+out-of-memory error, so later batches start at that size instead of failing again; it grows back
+after a run of calls that fit.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -58,6 +63,53 @@ class BatchOutcome:
     @property
     def oom_failed(self) -> list[int]:
         return sorted(p for p, call in self.failed.items() if call.outcome == "oom")
+
+
+class BatchLimit:
+    """Most pages per call known to fit on a device, learnt from out-of-memory errors.
+
+    No limit until a call of several pages runs out of memory; then the size its halves were
+    given, and the limit doubles again after `grow_after` calls in a row that fit (memory that
+    other processes held may have come back).
+    """
+
+    def __init__(self, grow_after: int = 8) -> None:
+        self.grow_after = grow_after
+        self.max_pages: int | None = None
+        self._fits_in_a_row = 0
+        self._lock = threading.Lock()
+
+    def chunks(self, pages: list[PageInput]) -> list[list[PageInput]]:
+        """`pages` cut into calls of at most the limit."""
+        with self._lock:
+            size = self.max_pages or len(pages) or 1
+        return [pages[start : start + size] for start in range(0, len(pages), size)]
+
+    def ran_out(self, pages: int) -> None:
+        if pages < 2:
+            return  # one page too large to fit alone says nothing about batches
+        with self._lock:
+            self.max_pages = min(self.max_pages or pages, pages // 2)
+            self._fits_in_a_row = 0
+
+    def fitted(self, pages: int) -> None:
+        with self._lock:
+            if self.max_pages is None or pages < self.max_pages:
+                return
+            self._fits_in_a_row += 1
+            if self._fits_in_a_row >= self.grow_after:
+                self.max_pages *= 2
+                self._fits_in_a_row = 0
+
+
+_limits: dict[tuple[str, str], BatchLimit] = {}
+_limits_lock = threading.Lock()
+
+
+def batch_limit(model: str, device: str) -> BatchLimit:
+    """This process's limit for `model` on `device`."""
+    with _limits_lock:
+        return _limits.setdefault((model, device), BatchLimit())
 
 
 @dataclass(frozen=True)
@@ -128,14 +180,29 @@ def run_batch(
     *,
     injector: OomInjector | None = None,
     on_call: Callable[[CallRecord], None] = lambda record: None,
+    limit: BatchLimit | None = None,
 ) -> BatchOutcome:
-    """Generate for every page; on OOM split the batch in halves and retry, down to one page."""
+    """Generate for every page; on OOM split the batch in halves and retry, down to one page.
+
+    With a `limit`, the batch starts cut to the size that last fitted, and teaches it.
+    """
     outcome = BatchOutcome()
-    queue = [pages]
+    queue = limit.chunks(pages) if limit else [pages]
+    if len(queue) > 1:
+        log.info(
+            "%d pages run as %d calls of at most %d: larger calls ran out of memory before",
+            len(pages),
+            len(queue),
+            len(queue[0]),
+        )
     while queue:
         chunk = queue.pop(0)
         record = _call(loaded, chunk, cfg, injector)
         on_call(record)
+        if limit and record.outcome == "ok":
+            limit.fitted(len(chunk))
+        elif limit and record.outcome == "oom":
+            limit.ran_out(len(chunk))
         if record.outcome == "ok":
             for number in record.pages:
                 outcome.done[number] = (record.generations[number], record)
