@@ -256,3 +256,25 @@ def test_a_batch_that_ran_out_of_memory_sets_the_size_of_the_next(tiny):
     )
     assert sorted(outcome.done) == [1, 2, 3, 4]
     assert [(c.outcome, len(c.pages)) for c in second] == [("ok", 2), ("ok", 2)]
+
+
+def test_an_oom_also_cuts_the_calls_still_queued(tiny):
+    calls = []
+    outcome = run_batch(
+        tiny,
+        pages(8),
+        settings(),
+        injector=parse_spec("above=2"),
+        on_call=calls.append,
+        limit=BatchLimit(),
+    )
+    assert sorted(outcome.done) == list(range(1, 9))
+    # 8 fails, then 4; the other half of 8 is cut to 2 + 2 without being tried at 4.
+    assert [(c.outcome, len(c.pages)) for c in calls] == [
+        ("oom", 8),
+        ("oom", 4),
+        ("ok", 2),
+        ("ok", 2),
+        ("ok", 2),
+        ("ok", 2),
+    ]

@@ -184,7 +184,8 @@ def run_batch(
 ) -> BatchOutcome:
     """Generate for every page; on OOM split the batch in halves and retry, down to one page.
 
-    With a `limit`, the batch starts cut to the size that last fitted, and teaches it.
+    With a `limit`, the batch starts cut to the size that last fitted, an out-of-memory error
+    also cuts the calls still queued, and every call teaches the limit.
     """
     outcome = BatchOutcome()
     queue = limit.chunks(pages) if limit else [pages]
@@ -215,6 +216,8 @@ def run_batch(
                 len(chunk) - half,
             )
             queue[:0] = [chunk[:half], chunk[half:]]
+            if limit:  # calls still queued at a size that just failed would fail too
+                queue = [part for queued in queue for part in limit.chunks(queued)]
         else:
             for number in record.pages:
                 outcome.failed[number] = record
