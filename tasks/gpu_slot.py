@@ -63,15 +63,18 @@ _ENSURE_ATTEMPTS = 4
 _BUSY_RETRY_SECONDS = 0.05
 
 
-@dataclass(frozen=True)
+@dataclass
 class SlotHold:
-    """A held slot, as `gpu_slot` yields it."""
+    """A held slot, as `gpu_slot` yields it; `released_at` is set when the block ends."""
 
     name: str
     lease_id: UUID
     wait_seconds: float
     acquired_at: datetime
     handed_over: bool = False  # taken from a holder of this process, not from the server
+    # When the holder left, taken before the slot can pass to anyone else (what it left on the
+    # device is moved off after this, still inside the slot).
+    released_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ def gpu_slot(
         else:
             lease = parked
         held_since = time.monotonic()
+        hold: SlotHold | None = None
         try:
             if lease.resident is not None and (
                 resident is None or lease.resident.key != resident.key
@@ -169,6 +173,8 @@ def gpu_slot(
             ):
                 yield hold
         finally:
+            if hold is not None:
+                hold.released_at = datetime.now(timezone.utc)
             if not _park(gate, lease, handoff_seconds, records, name):
                 _release(name, lease, records)
                 gate.released.set()

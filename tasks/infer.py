@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from datetime import datetime, timezone
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -147,7 +146,6 @@ def infer_batch(
         finally:
             if resident is None:
                 moved_out.append(_take_off(loaded, device))
-    released = datetime.now(timezone.utc)
     # One line per batch: every log line is a request to the Prefect API and a database write.
     logger.info(
         "pages %s: %d ok, %d failed (slot %s %s after waiting %.2f s)",
@@ -162,7 +160,7 @@ def infer_batch(
         queries.finish_hold(
             session,
             hold_id,
-            released_at=released,
+            released_at=hold.released_at,
             move_in_seconds=move_in,
             move_out_seconds=sum(moved_out),
         )

@@ -299,6 +299,8 @@ def test_a_waiting_thread_gets_the_lease_without_the_server_and_the_weights_stay
     (_, second, active_while_second), evicted = seen
     assert second.handed_over and not first.handed_over
     assert second.lease_id == first.lease_id and active_while_second == 1
+    # The first hold's end is stamped before the lease passes on: stored holds never overlap.
+    assert first.released_at is not None and first.released_at <= second.acquired_at
     # Same key: the first holder's weights stay for the second; the second's leave at the end.
     assert evicted == "evict b"
     assert read_limit(name).active_slots == 0
@@ -449,6 +451,8 @@ def test_hold_reports_wait_and_writes_a_record_while_held(use_prefect_server, tm
         record = slot_records.Record.from_json(files[0].read_text())
         assert (record.pid, record.lease_id) == (os.getpid(), hold.lease_id)
         assert hold.wait_seconds >= 0 and hold.acquired_at.tzinfo is not None
+        assert hold.released_at is None
+    assert hold.released_at is not None and hold.released_at >= hold.acquired_at
     assert list((tmp_path / name).glob("*.json")) == []
     assert read_limit(name).active_slots == 0
 
