@@ -204,10 +204,11 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, numbers: list[int]) -> 
     }
 
 
-def run_plain(args: argparse.Namespace, meter: CallMeter, loaded: Any, numbers: list[int]):
-    from vramflow import gpu, models
+def run_plain(
+    args: argparse.Namespace, meter: CallMeter, loaded: Any, device: str, numbers: list[int]
+):
+    from vramflow import models
 
-    device = gpu.resolve_device("auto")
     models.move_model(loaded, device)
     _generate_one(loaded, DEMO_PAGES[0], device, args)
     meter.reset()
@@ -249,8 +250,11 @@ def main(argv: list[str]) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     numbers = list(range(1, len(PdfReader(args.pdf).pages) + 1))
-    # The flow resolves the dtype the same way, and so finds this copy in the process's cache.
-    dtype = models.resolve_dtype(Settings().dtype, gpu.resolve_device(Settings().device))
+    # Device and dtype as the flow resolves them: the loops run where the flow runs, and the
+    # flow finds this copy of the weights in the process's cache.
+    settings = Settings()
+    device = gpu.resolve_device(settings.device)
+    dtype = models.resolve_dtype(settings.dtype, device)
     loaded = models.load_model(args.model, args.model_cache_dir, dtype)
     meter = CallMeter()
     meter.install(loaded.model)
@@ -258,7 +262,7 @@ def main(argv: list[str]) -> None:
     if args.variant == "flow":
         figures = run_flow(args, meter, numbers)
     else:
-        figures = run_plain(args, meter, loaded, numbers)
+        figures = run_plain(args, meter, loaded, device, numbers)
     if meter.calls < 1:
         raise SystemExit("the model was never called")
     result = {
