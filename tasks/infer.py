@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from tasks.gpu_slot import Resident, gpu_slot
 from tasks.recording import store_call
-from vramflow import gpu, models
+from vramflow import gpu, models, torch_thread
 from vramflow.config import Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
@@ -40,7 +40,7 @@ def _take_off(loaded: models.LoadedModel, device: str) -> float:
     a few hundred ms in a loaded process, which a hand-off to the next batch need not pay.
     Returns the seconds the move took.
     """
-    seconds = models.move_model(loaded, "cpu")
+    seconds = torch_thread.run(models.move_model, loaded, "cpu")
     gpu.free_memory(device)
     return seconds
 
@@ -79,10 +79,10 @@ def infer_batch(
     if not inputs:
         return {"ok": 0, "failed": 0}
     device = gpu.resolve_device(settings.device)
-    loaded = models.load_model(
-        settings.model, settings.model_cache_dir, models.resolve_dtype(settings.dtype, device)
-    )
-    models.use_torch_threads(settings.torch_threads)
+    dtype = models.resolve_dtype(settings.dtype, device)
+    # Torch work happens on the process's torch thread (see vramflow.torch_thread).
+    loaded = torch_thread.run(models.load_model, settings.model, settings.model_cache_dir, dtype)
+    torch_thread.run(models.use_torch_threads, settings.torch_threads)
     cfg = GenerationSettings(
         settings.prompt,
         device,
@@ -133,7 +133,7 @@ def infer_batch(
                 wait_seconds=hold.wait_seconds,
                 acquired_at=hold.acquired_at,
             )
-        move_in = models.move_model(loaded, device)
+        move_in = torch_thread.run(models.move_model, loaded, device)
         try:
             outcome = run_batch(
                 loaded,

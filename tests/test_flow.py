@@ -164,6 +164,32 @@ def test_device_memory_is_handed_back_only_with_the_weights(env, tiny_model_dir,
     assert all(events[i - 1].startswith("move") for i, e in enumerate(events) if e == "free")
 
 
+def test_every_torch_call_of_the_flow_runs_on_one_thread(env, tiny_model_dir, monkeypatch):
+    """Batches run in different task-runner threads, but loading, moving and generating all
+    happen on the process's torch thread: a second calling thread would slow torch down."""
+    import threading
+
+    from vramflow import inference, models
+
+    threads: dict[str, set[int]] = {"load": set(), "move": set(), "generate": set()}
+
+    def recorded(kind, fn):
+        def call(*args, **kwargs):
+            threads[kind].add(threading.get_ident())
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(models, "load_model", recorded("load", models.load_model))
+    monkeypatch.setattr(models, "move_model", recorded("move", models.move_model))
+    monkeypatch.setattr(inference, "generate_batch", recorded("generate", models.generate_batch))
+    summary = run(tiny_model_dir, batch_size=1)
+    assert summary["pages_ok"] == 6
+    used = set().union(*threads.values())
+    assert all(threads.values()) and len(used) == 1
+    assert used != {threading.get_ident()}
+
+
 def test_the_flow_loads_the_weights_in_the_configured_dtype(env, tiny_model_dir, monkeypatch):
     import torch
 

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 import psutil
 
-from vramflow import gpu
+from vramflow import gpu, torch_thread
 from vramflow.errors import InferenceTimeoutError
 from vramflow.faults import OomInjector
 from vramflow.models import Generation, LoadedModel, generate_batch
@@ -137,7 +137,8 @@ def _call(
     try:
         if injector:
             injector.check(numbers)
-        outputs = generate_batch(
+        outputs = torch_thread.run(
+            generate_batch,
             loaded,
             cfg.prompt,
             [p.text for p in pages],
