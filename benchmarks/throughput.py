@@ -175,6 +175,17 @@ def to_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[s
     return row
 
 
+def phase_overhead_ms_per_page(figures: dict[str, Any]) -> float | None:
+    """Orchestration per page while pages run: no page work happens in the flow process before
+    the first slot hold (extraction runs in the PDF workers) or after the last release, so the
+    wall time outside both, minus the page work, is what batches cost between them."""
+    before, after = figures.get("before_first_hold_seconds"), figures.get("after_last_hold_seconds")
+    if before is None or after is None:
+        return None
+    phase = figures["wall_seconds"] - before - after
+    return 1000 * (phase - figures["work_seconds"]) / figures["pages"]
+
+
 @contextmanager
 def flow_server(work: Path) -> Iterator[list[str]]:
     say("starting a temporary Prefect server for the flow variants ...")
@@ -215,6 +226,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
                 f"flow_batch{c['batch_size']}",
                 c.get("before_first_hold_seconds"),
                 c.get("after_last_hold_seconds"),
+                phase_overhead_ms_per_page(c),
             )
             for c in [batch1, *candidates]
         ],
@@ -280,7 +292,12 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
             "fixed cost of the document (s before the first slot hold / after the last): "
             + ", ".join(
                 f"{name} {_fmt(before, '.2f')} / {_fmt(after, '.2f')}"
-                for name, before, after in context["fixed"]
+                for name, before, after, _ in context["fixed"]
+            ),
+            "orchestration ms/page from the first slot hold to the last release (the fixed cost "
+            "left out): "
+            + ", ".join(
+                f"{name} {_fmt(in_phase, '.0f')}" for name, _, _, in_phase in context["fixed"]
             ),
             "most threads seen, and CPU pressure (share of the run during which some task on",
             "this machine waited for a CPU; other work on the machine raises it):",

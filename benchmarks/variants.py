@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import threading
@@ -178,12 +179,22 @@ def _slot_figures(url: str, run_id: str, started: datetime, finished: datetime) 
     }
 
 
+def _log_slot_waits() -> None:
+    """The slot's own log (each wait, retry, hand-off) goes to this variant's log file."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(threadName)s %(message)s"))
+    slot_log = logging.getLogger("tasks.gpu_slot")
+    slot_log.setLevel(logging.DEBUG)
+    slot_log.addHandler(handler)
+
+
 def run_flow(args: argparse.Namespace, meter: CallMeter, numbers: list[int]) -> dict[str, Any]:
     """Warm up on a one-page document, then time the flow over the benchmark document."""
     from flows.process_pdf import process_pdf
     from vramflow.config import Settings
 
     common = {"model": args.model, "max_new_tokens": args.max_new_tokens}
+    _log_slot_waits()
     process_pdf(str(warmup_pdf(args.home)), batch_size=args.batch_size, **common)
     meter.reset()
     PAGE_WORK.reset()

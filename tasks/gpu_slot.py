@@ -248,6 +248,7 @@ def _acquire(
             gate.released.clear()
             if line.ahead():
                 pause = _IN_LINE_POLL_SECONDS  # a process that waited longer asks first
+                logger.debug("slot %s: another process of this host is ahead in line", name)
             else:
                 with _api_errors(), get_client(sync_client=True) as client:
                     limit = _ensure(client, name, size)
@@ -290,8 +291,10 @@ def _try_increment(
     # leave the GPU idle for 2 s. A 503 here is just "ask again", like a 423.
     response = httpx.Client.send(http, request)
     if response.status_code == 423:
+        logger.debug("slot %s is taken", name)
         return None, float(response.headers.get("Retry-After", 1.0))
     if response.status_code == 503:
+        logger.debug("slot %s: the server is busy (503)", name)
         return None, _BUSY_RETRY_SECONDS
     response.raise_for_status()
     granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
