@@ -180,12 +180,9 @@ def _slot_figures(url: str, run_id: str, started: datetime, finished: datetime) 
 
 
 def _log_slot_waits() -> None:
-    """The slot's own log (each wait, retry, hand-off) goes to this variant's log file."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(threadName)s %(message)s"))
-    slot_log = logging.getLogger("tasks.gpu_slot")
-    slot_log.setLevel(logging.DEBUG)
-    slot_log.addHandler(handler)
+    """The slot's own debug log (each retry) joins this variant's log file, through the console
+    handler Prefect's logging configuration gives it."""
+    logging.getLogger("tasks.gpu_slot").setLevel(logging.DEBUG)
 
 
 def run_flow(args: argparse.Namespace, meter: CallMeter, numbers: list[int]) -> dict[str, Any]:

@@ -4,9 +4,9 @@ On the CPU torch runs its kernels on an OpenMP thread team that belongs to the c
 stays after the call. Prefect's task runner calls from whichever worker thread runs the task, so
 a process soon holds several teams, more OpenMP threads than cores, and libgomp then stops
 spinning between parallel regions: each region waits for its threads to wake up. On 2 cores
-generation ran 20-35 % slower once a second thread had made any parallel torch call (a
-small matrix product is enough) than with every call made from one thread. On CUDA the one
-thread also keeps one current device and stream.
+generation ran 12-45 % slower once a second thread had made any parallel torch call (one small
+matrix product is enough) than with every call made from one thread. On CUDA the one thread
+also keeps one current device, stream and cuBLAS handle.
 
 `run(fn, ...)` calls `fn` on that thread and waits for it; called from that thread it just calls.
 """
