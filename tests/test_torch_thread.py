@@ -50,3 +50,17 @@ def test_a_call_made_on_the_torch_thread_runs_in_place():
     on_thread, outer_id, inner_id = torch_thread.run(outer)
     assert on_thread and outer_id == inner_id
     assert not torch_thread.is_torch_thread()
+
+
+def test_a_forked_child_gets_a_torch_thread_of_its_own():
+    import multiprocessing
+
+    torch_thread.run(lambda: None)  # the parent's thread exists before the fork
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        answer = pool.apply_async(_in_child).get(timeout=60)
+    assert answer == 3
+
+
+def _in_child() -> int:
+    return torch_thread.run(lambda: 1 + 2)

@@ -13,6 +13,7 @@ also keeps one current device, stream and cuBLAS handle.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,15 @@ R = TypeVar("R")
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 _thread_id: int | None = None
+
+
+def _forget_in_child() -> None:
+    global _lock, _executor, _thread_id
+    # A forked child has none of its parent's threads: it starts its own on first use.
+    _lock, _executor, _thread_id = threading.Lock(), None, None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _remember_thread() -> None:
