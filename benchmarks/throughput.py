@@ -90,6 +90,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="VRAMFLOW_TORCH_THREADS for the flow variants only (default: unset)",
     )
+    parser.add_argument(
+        "--prefect-api-url",
+        default=None,
+        help="run the flow variants against this Prefect server (for example one on\n"
+        "PostgreSQL) instead of a temporary one started for the run",
+    )
     add_output_options(parser)
     return parser.parse_args(argv)
 
@@ -187,7 +193,10 @@ def phase_overhead_ms_per_page(figures: dict[str, Any]) -> float | None:
 
 
 @contextmanager
-def flow_server(work: Path) -> Iterator[list[str]]:
+def flow_server(work: Path, given_url: str | None) -> Iterator[list[str]]:
+    if given_url:
+        yield ["--prefect-api-url", given_url]
+        return
     say("starting a temporary Prefect server for the flow variants ...")
     with temporary_prefect_server(work / "prefect-server") as api_url:
         yield ["--prefect-api-url", api_url]
@@ -198,7 +207,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
     args.pdf, pages_from = build_page_set(work, args.pages)
     sequential = run_variant("sequential", work, "sequential", args, [])
     naive = run_variant("naive_async", work, "naive_async", args, [])
-    with flow_server(work) as server:
+    with flow_server(work, args.prefect_api_url) as server:
         batch1 = run_variant("flow", work, "flow_batch1", args, [*server, "--batch-size", "1"])
         candidates = [
             run_variant(
@@ -216,6 +225,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
         "device": sequential["device"]
         + ("" if batch1["device"] == sequential["device"] else f"; flow: {batch1['device']}"),
         "database": f"SQLite, a fresh file per flow process ({batch1['database']})",
+        "prefect": args.prefect_api_url or "a temporary local server started for the run (SQLite)",
         "pages_from": pages_from,
         "candidates": [
             (c["batch_size"], c["pages"] / c["wall_seconds"], c["slot_busy_fraction"])
@@ -282,6 +292,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
             f"command:  {shlex.join(['python', 'benchmarks/throughput.py', *args.argv])}",
             f"device:   {context['device']}",
             f"database: {context['database']}",
+            f"prefect:  {context['prefect']}",
             f"pages:    {rows[0]['pages']} ({context['pages_from']}), prompt text cut to "
             f"{args.max_input_tokens} tokens, {args.max_new_tokens} new tokens, greedy",
             f"model:    {args.model}",
