@@ -112,6 +112,12 @@ def batch_limit(model: str, device: str) -> BatchLimit:
         return _limits.setdefault((model, device), BatchLimit())
 
 
+def forget_batch_limits() -> None:
+    """Drop every limit this process has learnt (for a device whose memory use has changed)."""
+    with _limits_lock:
+        _limits.clear()
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     prompt: str
