@@ -76,7 +76,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def oom_split(args: argparse.Namespace) -> None:
     """Child process: measure a batch's memory, fill the card with ballast, run the flow."""
     import torch
-    from pypdf import PdfReader
     from sqlalchemy import select
 
     from flows.process_pdf import process_pdf
@@ -88,7 +87,7 @@ def oom_split(args: argparse.Namespace) -> None:
     settings = Settings()
     dtype = models.resolve_dtype(settings.dtype, device)
     loaded = models.load_model(args.model, args.model_cache_dir, dtype)  # the flow's copy too
-    texts = [page.extract_text() for page in PdfReader(args.pdf).pages][:OOM_BATCH]
+    texts = _page_texts(args.pdf, OOM_BATCH)
     weights, batch1, batch8 = _measure_batches(loaded, texts, device, settings)
     total = torch.cuda.mem_get_info(device)[1] if cuda else 0
     result: dict[str, Any] = {
@@ -210,7 +209,7 @@ def worker(args: argparse.Namespace) -> None:
     loaded = models.load_model(
         args.model, args.model_cache_dir, models.resolve_dtype(settings.dtype, device)
     )
-    texts = [page.extract_text() for page in _reader(args.pdf).pages][: args.pages_per_worker]
+    texts = _page_texts(args.pdf, args.pages_per_worker)
     pages = [PageInput(number, text) for number, text in enumerate(texts, start=1)]
     cfg = GenerationSettings(
         DEFAULT_PROMPT, device, args.max_new_tokens, settings.max_input_tokens, 600
@@ -264,10 +263,11 @@ def _one_batch(loaded: Any, pages: list[Any], cfg: Any, ballast_bytes: int) -> d
     return entry
 
 
-def _reader(path: Path) -> Any:
+def _page_texts(path: Path, count: int) -> list[str]:
+    """Text of the first `count` pages (only those are extracted)."""
     from pypdf import PdfReader
 
-    return PdfReader(path)
+    return [page.extract_text() for page in PdfReader(path).pages[:count]]
 
 
 def _wait_for(path: Path, timeout: float = 300) -> None:

@@ -54,7 +54,7 @@ def _pool() -> ThreadPoolExecutor:
 
 def run(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     """`fn(*args, **kwargs)` on the torch thread; its result, or its exception re-raised."""
-    if threading.get_ident() == _thread_id:
+    if is_torch_thread():
         return fn(*args, **kwargs)
     future = _pool().submit(fn, *args, **kwargs)
     try:
