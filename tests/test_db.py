@@ -7,10 +7,12 @@ barrier, as separate flow runs would be.
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -22,6 +24,7 @@ from vramflow.db import migrate, queries
 from vramflow.db.models import Base, Document, Page, Result
 from vramflow.db.schema import ensure_schema
 from vramflow.db.session import dispose_engines, get_engine, session_scope
+from vramflow.db.sqlite import enable_wal
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 PAGES = list(range(1, 21))
@@ -128,6 +131,51 @@ def _record_pipeline_rows(url: str) -> int:
         ids = queries.start_results(session, key, PAGES, "Summarise.", "{}", str(uuid.uuid4()))
     assert sorted(ids) == PAGES
     return document_id
+
+
+def _open_new_files_together(directory: str, rounds: int, barrier, results) -> None:
+    """Per round: wait for the others, then open the round's new file, switch it to WAL and
+    write to it, as engines of separate flow runs do on a database nobody has opened yet."""
+    try:
+        for round_number in range(rounds):
+            barrier.wait(timeout=WORKER_TIMEOUT_S)
+            connection = sqlite3.connect(Path(directory, f"{round_number}.db"), timeout=60)
+            connection.isolation_level = None
+            enable_wal(connection)
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("CREATE TABLE IF NOT EXISTS t (x)")
+            connection.execute("COMMIT")
+            mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+            connection.close()
+            assert mode == "wal", mode
+        results.put(("ok", None))
+    except BaseException:
+        barrier.abort()  # the others stop at their next round instead of waiting it out
+        results.put(("error", traceback.format_exc()))
+
+
+def test_processes_switching_a_new_file_to_wal_together_all_succeed(tmp_path) -> None:
+    # Two processes switching one file to WAL at once can get "database is locked" without
+    # the busy handler being called; across 30 rounds of 3 processes that happened in about
+    # a third of the rounds before enable_wal retried the switch.
+    ctx = multiprocessing.get_context("spawn")
+    processes, rounds = 3, 30
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [
+        ctx.Process(target=_open_new_files_together, args=(str(tmp_path), rounds, barrier, results))
+        for _ in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = [results.get(timeout=WORKER_TIMEOUT_S * 2) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    errors = [detail for status, detail in outcomes if status == "error"]
+    assert not errors, "\n".join(errors)
 
 
 # -- migrations -----------------------------------------------------------------------------

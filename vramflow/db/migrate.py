@@ -17,6 +17,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, 
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from vramflow.db.sqlite import BUSY_TIMEOUT_S, enable_wal
+
 log = logging.getLogger(__name__)
 
 FILE_TEMPLATE = "%(year)d_%(month).2d_%(day).2d_%(rev)s_%(slug)s"
@@ -43,10 +45,8 @@ def _sqlite_connect(dbapi_connection, _record) -> None:
     # Foreign keys are off because batch mode drops and recreates tables, and dropping a
     # referenced table with them on would cascade deletes into the referencing tables.
     dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    for pragma in ("busy_timeout=60000", "journal_mode=WAL", "foreign_keys=OFF"):
-        cursor.execute(f"PRAGMA {pragma}")
-    cursor.close()
+    enable_wal(dbapi_connection)
+    dbapi_connection.execute("PRAGMA foreign_keys=OFF")
 
 
 def migration_engine(url: str) -> Engine:
@@ -56,7 +56,7 @@ def migration_engine(url: str) -> Engine:
         return create_engine(url, poolclass=NullPool)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60})
+    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": BUSY_TIMEOUT_S})
     event.listen(engine, "connect", _sqlite_connect)
     return engine
 

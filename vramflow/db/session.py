@@ -11,18 +11,17 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from vramflow.db.sqlite import BUSY_TIMEOUT_S, enable_wal
+
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    # WAL lets readers and one writer work at once across processes; busy_timeout makes a
-    # concurrent writer wait instead of failing with "database is locked".
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=60000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+    # WAL lets readers and one writer work at once across processes; the busy timeout makes
+    # a concurrent writer wait instead of failing with "database is locked".
+    enable_wal(dbapi_connection)
+    dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
 
 def get_engine(url: str) -> Engine:
@@ -33,7 +32,7 @@ def get_engine(url: str) -> Engine:
             if parsed.get_backend_name() == "sqlite":
                 if parsed.database and parsed.database != ":memory:":
                     Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-                engine = create_engine(url, connect_args={"timeout": 60})
+                engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
                 event.listen(engine, "connect", _sqlite_pragmas)
             else:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
