@@ -3,9 +3,11 @@
     python benchmarks/variants.py VARIANT --pdf FILE --home DIR --out RESULT.json [options]
 
 VARIANT is `sequential` (pypdf + one generate call per page, no Prefect), `naive_async`
-(`asyncio.gather` over the pages, each extracted and generated in a thread) or `flow`
+(`asyncio.gather` over the pages, each extracted and generated in a thread), `flow`
 (vramflow's `process_pdf` flow with a fresh SQLite database under DIR, on the Prefect server at
-`--prefect-api-url`, or else on a temporary local server of its own).
+`--prefect-api-url`, or else on a temporary local server of its own) or `sweep` (the
+`sweep_inbox` flow over the folder FILE, `--documents-at-once` documents side by side).
+`sequential` and `naive_async` read every PDF of the folder in name order when FILE is one.
 
 The model is loaded and every variant warmed up on a one-page document before the clock starts;
 each `generate` call is counted by a wrapper on the model instance, and the page work (pypdf
@@ -33,7 +35,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from meter import CallMeter, Intervals, cpu_stall_us, device_name, peak_rss_bytes  # noqa: E402
 from pages import DEMO_PAGES, warmup_pdf  # noqa: E402
 
-VARIANTS = ("sequential", "naive_async", "flow")
+VARIANTS = ("sequential", "naive_async", "flow", "sweep")
 # The work every variant does per page; wall time outside it is what the orchestration costs.
 PAGE_WORK = Intervals()
 
@@ -49,6 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-input-tokens", type=int, default=1536)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--documents-at-once", type=int, default=1, help="sweep only")
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument(
         "--prefect-api-url", help="a running server (default: start a temporary one here)"
@@ -130,27 +133,46 @@ def _extract(path: Path, number: int, reader: Any = None) -> str:
     return (reader or PdfReader(path)).pages[number - 1].extract_text()
 
 
-def run_sequential(loaded: Any, device: str, numbers: list[int], args: argparse.Namespace):
+def pdf_files(path: Path) -> list[Path]:
+    """The benchmark's documents: the file itself, or a folder's PDFs in name order."""
+    return sorted(path.glob("*.pdf")) if path.is_dir() else [path]
+
+
+def page_list(path: Path) -> list[tuple[Path, int]]:
+    """(document, page number) of every page the variant runs, in order."""
     from pypdf import PdfReader
 
-    reader = PdfReader(args.pdf)
-    return [_generate_one(loaded, _extract(args.pdf, n, reader), device, args) for n in numbers]
+    return [(f, n) for f in pdf_files(path) for n in range(1, len(PdfReader(f).pages) + 1)]
 
 
-def run_naive_async(loaded: Any, device: str, numbers: list[int], args: argparse.Namespace):
-    async def page(number: int) -> Any:
-        text = await asyncio.to_thread(_extract, args.pdf, number)
+def run_sequential(
+    loaded: Any, device: str, pages: list[tuple[Path, int]], args: argparse.Namespace
+):
+    from pypdf import PdfReader
+
+    readers = {path: PdfReader(path) for path in pdf_files(args.pdf)}  # one per document
+    return [
+        _generate_one(loaded, _extract(path, n, readers[path]), device, args) for path, n in pages
+    ]
+
+
+def run_naive_async(
+    loaded: Any, device: str, pages: list[tuple[Path, int]], args: argparse.Namespace
+):
+    async def page(path: Path, number: int) -> Any:
+        text = await asyncio.to_thread(_extract, path, number)
         return await asyncio.to_thread(_generate_one, loaded, text, device, args)
 
     async def every_page() -> list[Any]:
-        return await asyncio.gather(*(page(n) for n in numbers))
+        return await asyncio.gather(*(page(path, n) for path, n in pages))
 
     return asyncio.run(every_page())
 
 
-def _slot_figures(url: str, run_id: str, started: datetime, finished: datetime) -> dict[str, Any]:
-    """Slot busy fraction of one flow run from its slot_holds and attempts rows, and the time the
-    run spent before its first slot hold and after its last (the fixed cost of a document)."""
+def _slot_figures(url: str, started: datetime, finished: datetime) -> dict[str, Any]:
+    """Slot busy fraction of the timed run (every flow run in it, after the warm-up) from the
+    slot_holds and attempts rows, and the time it spent before its first slot hold and after its
+    last (the fixed cost of a document)."""
     from sqlalchemy import select
 
     from vramflow.db.models import Attempt, SlotHold
@@ -158,10 +180,12 @@ def _slot_figures(url: str, run_id: str, started: datetime, finished: datetime) 
 
     with session_scope(url) as session:
         holds = session.execute(
-            select(SlotHold.acquired_at, SlotHold.released_at).where(SlotHold.flow_run_id == run_id)
+            select(SlotHold.acquired_at, SlotHold.released_at).where(
+                SlotHold.acquired_at >= started
+            )
         ).all()
         calls = session.execute(
-            select(Attempt.call_id, Attempt.infer_seconds).where(Attempt.flow_run_id == run_id)
+            select(Attempt.call_id, Attempt.infer_seconds).where(Attempt.started_at >= started)
         ).all()
     if not holds or any(released is None for _, released in holds):
         return {"slot_busy_fraction": None, "slot_holds": len(holds), "slot_held_seconds": None}
@@ -180,40 +204,68 @@ def _slot_figures(url: str, run_id: str, started: datetime, finished: datetime) 
 
 
 def _log_slot_waits() -> None:
-    """The slot's own debug log (each retry) joins this variant's log file, through the console
-    handler Prefect's logging configuration gives it."""
+    """The slot's own debug log (each retry), and the Prefect client's (each request it makes
+    again after a 503, with its back-off), join this variant's log file through the console
+    handler Prefect's logging configuration gives them."""
     logging.getLogger("tasks.gpu_slot").setLevel(logging.DEBUG)
+    logging.getLogger("prefect.client").setLevel(logging.DEBUG)
 
 
-def run_flow(args: argparse.Namespace, meter: CallMeter, numbers: list[int]) -> dict[str, Any]:
-    """Warm up on a one-page document, then time the flow over the benchmark document."""
+def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dict[str, Any]:
+    """Warm up on a one-page document, then time the flow (`process_pdf` over the benchmark
+    document, or `sweep_inbox` over the folder of documents)."""
     from flows.process_pdf import process_pdf
+    from flows.sweep_inbox import sweep_inbox
     from vramflow.config import Settings
 
     common = {"model": args.model, "max_new_tokens": args.max_new_tokens}
+    common["batch_size"] = args.batch_size
     _log_slot_waits()
-    process_pdf(str(warmup_pdf(args.home)), batch_size=args.batch_size, **common)
+    process_pdf(str(warmup_pdf(args.home)), **common)
     meter.reset()
     PAGE_WORK.reset()
     with Sampler() as sampler:
         started, started_at = time.perf_counter(), datetime.now(timezone.utc)
-        summary = process_pdf(str(args.pdf), batch_size=args.batch_size, **common)
+        if args.variant == "sweep":
+            summary = sweep_inbox(str(args.pdf), documents_at_once=args.documents_at_once, **common)
+        else:
+            summary = process_pdf(str(args.pdf), **common)
         wall, finished_at = time.perf_counter() - started, datetime.now(timezone.utc)
-    if summary["pages_ok"] != len(numbers):
-        raise SystemExit(f"flow finished {summary['pages_ok']} of {len(numbers)} pages: {summary}")
     url = Settings().resolved_database_url
+    done = _pages_done(url, started_at)
+    if done != page_count:
+        raise SystemExit(f"{args.variant} finished {done} of {page_count} pages: {summary}")
     return {
         "wall_seconds": wall,
         "max_threads": sampler.max_threads,
         "rss_mib_profile": sampler.rss_profile(),
         "cpu_pressure": sampler.cpu_pressure,
         "database": url,
-        **_slot_figures(url, str(summary["flow_run_id"]), started_at, finished_at),
+        **_slot_figures(url, started_at, finished_at),
     }
 
 
+def _pages_done(url: str, since: datetime) -> int:
+    """Pages answered since `since` (the timed run's, not the warm-up's)."""
+    from sqlalchemy import func, select
+
+    from vramflow.db.models import Result
+    from vramflow.db.session import session_scope
+
+    with session_scope(url) as session:
+        return session.scalar(
+            select(func.count(Result.id)).where(
+                Result.status == "ok", Result.infer_finished_at >= since
+            )
+        )
+
+
 def run_plain(
-    args: argparse.Namespace, meter: CallMeter, loaded: Any, device: str, numbers: list[int]
+    args: argparse.Namespace,
+    meter: CallMeter,
+    loaded: Any,
+    device: str,
+    pages: list[tuple[Path, int]],
 ):
     from vramflow import models
 
@@ -224,10 +276,10 @@ def run_plain(
     run = run_sequential if args.variant == "sequential" else run_naive_async
     with Sampler() as sampler:
         started = time.perf_counter()
-        answers = run(loaded, device, numbers, args)
+        answers = run(loaded, device, pages, args)
         wall = time.perf_counter() - started
-    if len(answers) != len(numbers):
-        raise SystemExit(f"{args.variant} answered {len(answers)} of {len(numbers)} pages")
+    if len(answers) != len(pages):
+        raise SystemExit(f"{args.variant} answered {len(answers)} of {len(pages)} pages")
     return {
         "wall_seconds": wall,
         "max_threads": sampler.max_threads,
@@ -250,14 +302,13 @@ def main(argv: list[str]) -> None:
     args.home.mkdir(parents=True, exist_ok=True)
     _isolate(args)
     import torch
-    from pypdf import PdfReader
 
     from vramflow import gpu, models
     from vramflow.config import Settings
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    numbers = list(range(1, len(PdfReader(args.pdf).pages) + 1))
+    pages = page_list(args.pdf)
     # Device and dtype as the flow resolves them: the loops run where the flow runs, and the
     # flow finds this copy of the weights in the process's cache.
     settings = Settings()
@@ -267,16 +318,18 @@ def main(argv: list[str]) -> None:
     meter = CallMeter()
     meter.install(loaded.model)
     _measure_generate_batch()
-    if args.variant == "flow":
-        figures = run_flow(args, meter, numbers)
+    if args.variant in ("flow", "sweep"):
+        figures = run_flow(args, meter, len(pages))
     else:
-        figures = run_plain(args, meter, loaded, device, numbers)
+        figures = run_plain(args, meter, loaded, device, pages)
     if meter.calls < 1:
         raise SystemExit("the model was never called")
     result = {
         "variant": args.variant,
-        "pages": len(numbers),
-        "batch_size": args.batch_size if args.variant == "flow" else 1,
+        "pages": len(pages),
+        "documents": len(pdf_files(args.pdf)),
+        "documents_at_once": args.documents_at_once if args.variant == "sweep" else 1,
+        "batch_size": args.batch_size if args.variant in ("flow", "sweep") else 1,
         "model_seconds": meter.busy_seconds,
         "work_seconds": PAGE_WORK.busy_seconds,
         "model_calls": meter.calls,

@@ -6,8 +6,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.process_pdf import build_settings, process_pdf
-from tasks.outcomes import Outcome, outcome_of_run, publish_outcomes
+from flows.many_documents import DocumentJob, process_documents
+from flows.process_pdf import build_settings
+from tasks.outcomes import Outcome, publish_outcomes
 from tasks.retries import plan_retries
 
 
@@ -17,6 +18,7 @@ def retry_failed(
     max_attempts: int = 10,
     batch_size: int | None = None,
     dry_run: bool = False,
+    documents_at_once: int | None = None,
 ) -> dict[str, Any]:
     """Redo failed pages (out of memory, time limit), pages left running by a run that is gone,
     and partial documents, with the model, prompt and generation settings stored with them.
@@ -27,23 +29,29 @@ def retry_failed(
         max_attempts: Pages with this many model calls already are left alone.
         batch_size: Pages per model call and GPU slot hold (default: VRAMFLOW_BATCH_SIZE).
         dry_run: Only list what would run again.
+        documents_at_once: Documents run again side by side (default:
+            VRAMFLOW_DOCUMENTS_AT_ONCE, 2); their batches still take the GPU slot one by one.
     """
-    settings = build_settings(batch_size=batch_size)
+    settings = build_settings(batch_size=batch_size, documents_at_once=documents_at_once)
     jobs, outcomes = plan_retries(settings, stuck_after_minutes, max_attempts)
+    runs = []
     for job in jobs:
         why = f"{', '.join(job.reasons)}; pages {', '.join(map(str, job.pages)) or 'all'}"
         if dry_run:
             outcomes.append(Outcome(job.file_name, "skipped", f"dry run: {why}"))
             continue
         get_run_logger().info("%s: running again (%s)", job.file_name, why)
-        state = process_pdf(
-            path=job.path,
-            prompt=job.prompt,
-            model=job.model_id,
-            max_new_tokens=job.settings.get("max_new_tokens", settings.max_new_tokens),
-            max_input_tokens=job.settings.get("max_input_tokens", settings.max_input_tokens),
-            batch_size=settings.batch_size,
-            return_state=True,
-        )
-        outcomes.append(outcome_of_run(job.file_name, state))
+        parameters = {
+            "path": job.path,
+            "prompt": job.prompt,
+            "model": job.model_id,
+            "max_new_tokens": job.settings.get("max_new_tokens", settings.max_new_tokens),
+            "max_input_tokens": job.settings.get("max_input_tokens", settings.max_input_tokens),
+            "batch_size": settings.batch_size,
+        }
+        runs.append(DocumentJob(job.file_name, parameters))
+    # Runs of one model next to each other: two documents at once with different models would
+    # move weights on and off the device at every hand-over of the slot.
+    runs.sort(key=lambda run: run.parameters["model"])
+    outcomes += process_documents(runs, settings.documents_at_once)
     return publish_outcomes("Retry of failed pages", "vramflow-retry-failed", outcomes)

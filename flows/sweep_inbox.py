@@ -8,9 +8,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.process_pdf import build_settings, process_pdf
+from flows.many_documents import DocumentJob, process_documents
+from flows.process_pdf import build_settings
 from tasks.inbox import scan_inbox
-from tasks.outcomes import Outcome, outcome_of_run, publish_outcomes
+from tasks.outcomes import Outcome, publish_outcomes
 from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT
 from vramflow.runs import validate_prompt
 
@@ -27,6 +28,7 @@ def sweep_inbox(
     model: str = DEFAULT_MODEL,
     max_new_tokens: int = 64,
     batch_size: int = 4,
+    documents_at_once: int | None = None,
 ) -> dict[str, Any]:
     """Run `process-pdf` on each new *.pdf in the inbox; files whose bytes were already processed
     with this model, prompt and generation settings are skipped, whatever their name.
@@ -37,6 +39,8 @@ def sweep_inbox(
         model: The packaged default, a Hugging Face id, a local folder or a .gguf file.
         max_new_tokens: Tokens generated per page.
         batch_size: Pages per model call and GPU slot hold.
+        documents_at_once: Documents processed side by side (default:
+            VRAMFLOW_DOCUMENTS_AT_ONCE, 2); their batches still take the GPU slot one by one.
     """
     settings = build_settings(
         inbox=inbox,
@@ -44,22 +48,23 @@ def sweep_inbox(
         model=model,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        documents_at_once=documents_at_once,
     )
     validate_prompt(settings)
-    outcomes = []
+    skipped, jobs = [], []
     for file in scan_inbox(str(settings.inbox_dir), settings):
         if file.status != "new":
-            outcomes.append(Outcome(file.name, "skipped", f"{file.status}: {file.detail}"))
+            skipped.append(Outcome(file.name, "skipped", f"{file.status}: {file.detail}"))
             continue
-        state = process_pdf(
-            path=file.path,
-            prompt=settings.prompt,
-            model=settings.model,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.batch_size,
-            return_state=True,
-        )
-        outcomes.append(outcome_of_run(file.name, state))
+        parameters = {
+            "path": file.path,
+            "prompt": settings.prompt,
+            "model": settings.model,
+            "max_new_tokens": settings.max_new_tokens,
+            "batch_size": settings.batch_size,
+        }
+        jobs.append(DocumentJob(file.name, parameters))
+    outcomes = skipped + process_documents(jobs, settings.documents_at_once)
     summary = publish_outcomes(f"Sweep of {settings.inbox_dir}", "vramflow-sweep-inbox", outcomes)
     get_run_logger().info(
         "sweep of %s: %d processed, %d skipped, %d failed",

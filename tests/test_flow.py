@@ -207,3 +207,55 @@ def test_the_flow_loads_the_weights_in_the_configured_dtype(env, tiny_model_dir,
     summary = run(tiny_model_dir, pages="1-2")
     assert summary["pages_ok"] == 2
     assert asked and set(asked) == {torch.bfloat16}
+
+
+def _runs_of(outcomes: list[dict]) -> dict[str, tuple]:
+    """Each processed document's subflow run: (start, end) as the Prefect API has them."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = {o["file"]: client.read_flow_run(o["flow_run_id"]) for o in outcomes}
+    return {name: (run.start_time, run.end_time) for name, run in runs.items()}
+
+
+@pytest.mark.parametrize("documents_at_once", [2, 1])
+def test_sweep_runs_documents_side_by_side_and_the_model_one_batch_at_a_time(
+    env, tiny_model_dir, tmp_path, documents_at_once
+):
+    from flows.sweep_inbox import sweep_inbox
+    from vramflow.demo.pdfgen import write_text_pdf
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a-demo.pdf").write_bytes(DEMO.read_bytes())
+    write_text_pdf(inbox / "b-notes.pdf", [f"Note {n}: the pump was serviced." for n in range(5)])
+    (inbox / "c-broken.pdf").write_bytes(b"%PDF-1.7\nnot really a PDF")
+    summary = sweep_inbox(
+        inbox=str(inbox),
+        model=str(tiny_model_dir),
+        max_new_tokens=3,
+        batch_size=2,
+        documents_at_once=documents_at_once,
+    )
+    assert summary["processed"] == ["a-demo.pdf", "b-notes.pdf"]
+    assert summary["failed"] == ["c-broken.pdf"]
+    [broken] = [o for o in summary["outcomes"] if o["file"] == "c-broken.pdf"]
+    assert "Failed" in broken["detail"]
+    runs = _runs_of([o for o in summary["outcomes"] if o["outcome"] == "processed"])
+    (a_start, a_end), (b_start, b_end) = runs["a-demo.pdf"], runs["b-notes.pdf"]
+    side_by_side = a_start < b_end and b_start < a_end
+    assert side_by_side == (documents_at_once > 1)
+    with session_scope(env) as session:
+        holds = session.execute(
+            select(SlotHold.acquired_at, SlotHold.released_at).order_by(SlotHold.acquired_at)
+        ).all()
+        calls = session.execute(
+            select(Attempt.started_at, Attempt.finished_at)
+            .group_by(Attempt.call_id)
+            .order_by(Attempt.started_at)
+        ).all()
+        pages = session.execute(select(Result.status, func.count()).group_by(Result.status)).all()
+    assert dict(pages) == {"ok": 11}
+    for what, intervals in (("slot holds", holds), ("model calls", calls)):
+        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+            assert end <= start, f"{what} overlap on the one device: {intervals}"

@@ -106,6 +106,15 @@ class Settings(BaseSettings):
     inbox: Path | None = Field(
         default=None, description="Folder the sweep-inbox flow scans; default: `home`/inbox."
     )
+    documents_at_once: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description=(
+            "Documents the sweep-inbox and retry-failed flows run at once; one document's start"
+            " and end overlap another's inference, and batches still take the slot one by one."
+        ),
+    )
 
     @field_validator("home", "inbox")
     @classmethod
