@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py end to end with a tiny model: the JSON rows other tools read."""
+"""The benchmark scripts end to end with a tiny model: the JSON rows other tools read."""
 
 from __future__ import annotations
 
@@ -70,3 +70,41 @@ def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     for name in ("flow_batch1", "flow_best"):
         assert 0 < by_name[name]["slot_busy_fraction"] <= 1
     assert "device:" in done.stderr and "database:" in done.stderr
+
+
+def test_sweep_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "sweep.py"),
+        "--json",
+        "--documents",
+        "3",
+        "--pages-per-document",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--at-once",
+        "1,2",
+        "--model",
+        str(tiny_model_dir),
+        "--model-cache-dir",
+        str(tmp_path / "models"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+
+    assert [(row["name"], row["documents_at_once"]) for row in rows] == [
+        ("sequential", 1),
+        ("sweep_at1", 1),
+        ("sweep_at2", 2),
+    ]
+    for row in rows:
+        assert row["pages"] == 6 and row["documents"] == 3
+        assert row["max_concurrent_calls"] == 1
+        assert row["pages_per_s"] > 0
+    for row in rows[1:]:
+        assert 0 < row["slot_busy_fraction"] <= 1
