@@ -28,28 +28,19 @@ KEYS = {
 }
 
 
-def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        str(REPO / "benchmarks" / "throughput.py"),
-        "--json",
-        "--pages",
-        "3",
-        "--max-new-tokens",
-        "2",
-        "--batch-sizes",
-        "2",
-        "--model",
-        str(tiny_model_dir),
-        "--model-cache-dir",
-        str(tmp_path / "models"),
-    ]
+def run_json(script: str, options: list[str], model: Path, folder: Path) -> tuple[list, str]:
+    """Run a benchmark script with `--json` on a temporary server of its own: (rows, stderr)."""
+    command = [sys.executable, str(REPO / "benchmarks" / script), "--json", *options]
+    command += ["--model", str(model), "--model-cache-dir", str(folder / "models")]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout)
+    return json.loads(done.stdout), done.stderr
+
+
+def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    options = ["--pages", "3", "--max-new-tokens", "2", "--batch-sizes", "2"]
+    rows, stderr = run_json("throughput.py", options, tiny_model_dir, tmp_path)
 
     assert [row["name"] for row in rows] == NAMES
     assert all(set(row) == KEYS for row in rows)
@@ -69,33 +60,12 @@ def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert row["peak_rss_bytes"] > 0
     for name in ("flow_batch1", "flow_best"):
         assert 0 < by_name[name]["slot_busy_fraction"] <= 1
-    assert "device:" in done.stderr and "database:" in done.stderr
+    assert "device:" in stderr and "database:" in stderr
 
 
 def test_sweep_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        str(REPO / "benchmarks" / "sweep.py"),
-        "--json",
-        "--documents",
-        "3",
-        "--pages-per-document",
-        "2",
-        "--max-new-tokens",
-        "2",
-        "--at-once",
-        "1,2",
-        "--model",
-        str(tiny_model_dir),
-        "--model-cache-dir",
-        str(tmp_path / "models"),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout)
+    options = ["--documents", "3", "--pages-per-document", "2", "--max-new-tokens", "2"]
+    rows, _ = run_json("sweep.py", [*options, "--at-once", "1,2"], tiny_model_dir, tmp_path)
 
     assert [(row["name"], row["documents_at_once"]) for row in rows] == [
         ("sequential", 1),

@@ -97,6 +97,11 @@ def _run_at_once(target: Callable[[str], object], url: str, processes: int) -> l
     procs = [
         ctx.Process(target=_worker, args=(target, url, barrier, results)) for _ in range(processes)
     ]
+    return _start_and_collect(procs, results)
+
+
+def _start_and_collect(procs: list, results) -> list[object]:
+    """Start the processes; each puts one ("ok", value) or ("error", traceback) on `results`."""
     for proc in procs:
         proc.start()
     try:
@@ -165,17 +170,7 @@ def test_processes_switching_a_new_file_to_wal_together_all_succeed(tmp_path) ->
         ctx.Process(target=_open_new_files_together, args=(str(tmp_path), rounds, barrier, results))
         for _ in range(processes)
     ]
-    for proc in procs:
-        proc.start()
-    try:
-        outcomes = [results.get(timeout=WORKER_TIMEOUT_S * 2) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-    errors = [detail for status, detail in outcomes if status == "error"]
-    assert not errors, "\n".join(errors)
+    _start_and_collect(procs, results)
 
 
 # -- migrations -----------------------------------------------------------------------------
