@@ -203,7 +203,7 @@ def _slot_figures(url: str, started: datetime, finished: datetime) -> dict[str, 
     }
 
 
-def _log_slot_waits() -> None:
+def _log_retries() -> None:
     """The slot's own debug log (each retry), and the Prefect client's (each request it makes
     again after a 503, with its back-off), join this variant's log file through the console
     handler Prefect's logging configuration gives them."""
@@ -218,9 +218,12 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dic
     from flows.sweep_inbox import sweep_inbox
     from vramflow.config import Settings
 
-    common = {"model": args.model, "max_new_tokens": args.max_new_tokens}
-    common["batch_size"] = args.batch_size
-    _log_slot_waits()
+    common = {
+        "model": args.model,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+    }
+    _log_retries()
     process_pdf(str(warmup_pdf(args.home)), **common)
     meter.reset()
     PAGE_WORK.reset()
