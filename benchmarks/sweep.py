@@ -34,13 +34,15 @@ from pages import build_page_set  # noqa: E402
 from throughput import (  # noqa: E402
     _fmt,
     add_output_options,
+    add_variant_options,
     batch_sizes,
     flow_server,
     run_variant,
+    to_row,
     work_folder,
 )
 
-from vramflow.config import DEFAULT_MODEL, Settings  # noqa: E402
+from vramflow.config import Settings  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,14 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--at-once", default="1,2", help="documents_at_once values to run (default 1,2)"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="default 4 (vramflow's)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
-    parser.add_argument("--max-input-tokens", type=int, default=384, help="default 384")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
-    parser.add_argument("--model-cache-dir", type=Path, default=None)
-    parser.add_argument("--torch-threads", type=int, default=None)
-    parser.add_argument(
-        "--prefect-api-url", default=None, help="a running server (default: a temporary one)"
-    )
+    add_variant_options(parser)
     add_output_options(parser)
     return parser.parse_args(argv)
 
@@ -77,21 +72,13 @@ def split_documents(source: Path, folder: Path, documents: int, per_document: in
     return folder
 
 
-def to_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[str, Any]:
-    pages, wall = figures["pages"], figures["wall_seconds"]
+def sweep_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[str, Any]:
+    """throughput.py's row, with the documents and how many ran at once."""
+    row = to_row(name, figures, baseline)
     return {
-        "name": name,
-        "documents_at_once": figures["documents_at_once"],
-        "pages_per_s": pages / wall,
-        "ratio_to_sequential": (pages / wall) / baseline if baseline else 1.0,
-        "overhead_ms_per_page": 1000 * (wall - figures["work_seconds"]) / pages,
-        "peak_rss_bytes": figures["peak_rss_bytes"],
-        "max_concurrent_calls": figures["max_concurrent_calls"],
-        "slot_busy_fraction": figures["slot_busy_fraction"],
-        "batch_size": figures["batch_size"],
+        **row,
         "documents": figures["documents"],
-        "pages": pages,
-        "wall_seconds": wall,
+        "documents_at_once": figures["documents_at_once"],
     }
 
 
@@ -101,13 +88,13 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     args.pdf = split_documents(source, work / "inbox", args.documents, args.pages_per_document)
     sequential = run_variant("sequential", work, "sequential", args, [])
     base = sequential["pages"] / sequential["wall_seconds"]
-    rows = [to_row("sequential", sequential, None)]
+    rows = [sweep_row("sequential", sequential, None)]
     with flow_server(work, args.prefect_api_url) as server:
         for at_once in batch_sizes(args.at_once):
             options = [*server, "--batch-size", str(args.batch_size)]
             options += ["--documents-at-once", str(at_once)]
             figures = run_variant("sweep", work, f"sweep_at{at_once}", args, options)
-            rows.append(to_row(f"sweep_at{at_once}", figures, base))
+            rows.append(sweep_row(f"sweep_at{at_once}", figures, base))
     return rows
 
 

@@ -64,15 +64,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--pages", type=int, default=16, help="pages to run (default 16)")
+    parser.add_argument(
+        "--batch-sizes", default="4,8", help="flow_best candidates, comma-separated (default 4,8)"
+    )
+    parser.add_argument(
+        "--flow-torch-threads",
+        type=int,
+        default=None,
+        help="VRAMFLOW_TORCH_THREADS for the flow variants only (default: unset)",
+    )
+    add_variant_options(parser)
+    add_output_options(parser)
+    return parser.parse_args(argv)
+
+
+def add_variant_options(parser: argparse.ArgumentParser) -> None:
+    """What `run_variant` passes on to every variant: model, tokens, threads, server. Shared
+    with sweep.py."""
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
     parser.add_argument(
         "--max-input-tokens",
         type=int,
         default=384,
         help="page tokens kept per prompt (default 384: prompts of about 430 tokens)",
-    )
-    parser.add_argument(
-        "--batch-sizes", default="4,8", help="flow_best candidates, comma-separated (default 4,8)"
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
     parser.add_argument(
@@ -85,19 +99,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--torch-threads", type=int, default=None, help="torch threads (default: torch's choice)"
     )
     parser.add_argument(
-        "--flow-torch-threads",
-        type=int,
-        default=None,
-        help="VRAMFLOW_TORCH_THREADS for the flow variants only (default: unset)",
-    )
-    parser.add_argument(
         "--prefect-api-url",
         default=None,
         help="run the flow variants against this Prefect server (for example one on\n"
         "PostgreSQL) instead of a temporary one started for the run",
     )
-    add_output_options(parser)
-    return parser.parse_args(argv)
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

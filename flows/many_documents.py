@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.process_pdf import process_pdf
-from tasks.outcomes import Outcome, outcome_of_run
+from tasks.outcomes import Outcome, failed_outcome, outcome_of_run
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,5 @@ def process_documents(jobs: list[DocumentJob], documents_at_once: int) -> list[O
             if state.is_completed():
                 outcomes.append(state.result())
             else:  # the task itself broke, outside the subflow (which never raises here)
-                first_line = next(iter((state.message or "").splitlines()), "")
-                outcomes.append(Outcome(job.name, "failed", f"{state.name}: {first_line}"[:300]))
+                outcomes.append(failed_outcome(job.name, state))
     return outcomes

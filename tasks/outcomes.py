@@ -21,12 +21,17 @@ class Outcome:
     flow_run_id: str | None = None
 
 
+def failed_outcome(file: str, state: State, run_id: str | None = None) -> Outcome:
+    """A document that failed: the state's name and the first line of its message."""
+    first_line = next(iter((state.message or "").splitlines()), "")
+    return Outcome(file, "failed", f"{state.name}: {first_line}"[:300], run_id)
+
+
 def outcome_of_run(file: str, state: State) -> Outcome:
     """Read a `process-pdf` subflow's final state: done or partial counts as processed."""
     run_id = str(state.state_details.flow_run_id or "") or None
     if not state.is_completed():
-        first_line = next(iter((state.message or "").splitlines()), "")
-        return Outcome(file, "failed", f"{state.name}: {first_line}"[:300], run_id)
+        return failed_outcome(file, state, run_id)
     try:
         summary = state.result()
     except Exception as exc:  # the result may not be readable in another process
