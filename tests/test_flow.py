@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from tests.support.intervals import max_concurrency, stored_call_intervals, stored_hold_intervals
 from vramflow.db.models import Attempt, Document, Page, Result, SlotHold
 from vramflow.db.session import session_scope
 from vramflow.errors import DocumentError
@@ -268,16 +269,8 @@ def test_sweep_runs_documents_side_by_side_and_the_model_one_batch_at_a_time(
     [broken] = [o for o in summary["outcomes"] if o["file"] == "c-broken.pdf"]
     assert "not a readable PDF" in broken["detail"]
     with session_scope(env) as session:
-        holds = session.execute(
-            select(SlotHold.acquired_at, SlotHold.released_at).order_by(SlotHold.acquired_at)
-        ).all()
-        calls = session.execute(
-            select(Attempt.started_at, Attempt.finished_at)
-            .group_by(Attempt.call_id)
-            .order_by(Attempt.started_at)
-        ).all()
         pages = session.execute(select(Result.status, func.count()).group_by(Result.status)).all()
     assert dict(pages) == {"ok": 11}
-    for what, intervals in (("slot holds", holds), ("model calls", calls)):
-        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
-            assert end <= start, f"{what} overlap on the one device: {intervals}"
+    calls = stored_call_intervals(env)
+    assert list(calls) == ["cpu"] and max_concurrency(calls["cpu"]) == 1
+    assert max_concurrency(stored_hold_intervals(env)) == 1
