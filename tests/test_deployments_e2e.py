@@ -1,9 +1,10 @@
 """Deployments end to end, the way an operator runs vramflow.
 
-One real `prefect server start` (the session's), the `vramflow-gpu` process pool, `prefect
---no-prompt deploy --all` from the repository root, and one `prefect worker start` whose flow
-runs write to a temporary SQLite database. Runs are triggered through the REST API; results are
-checked in the database, artifacts through the API. About 3 minutes on 2 cores.
+One real `prefect server start` with its database on PostgreSQL (as a team runs it), the
+`vramflow-gpu` process pool, `prefect --no-prompt deploy --all` from the repository root, and one
+`prefect worker start` whose flow runs write to a temporary SQLite database. Runs are triggered
+through the REST API; results are checked in the database, artifacts through the API. About 3
+minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tests.support.servers import REPO_ROOT, PrefectServer, clean_env, tail
 from vramflow.db.models import Attempt, Document, Result, SlotHold
 from vramflow.db.session import dispose_engines, session_scope
 
-pytestmark = [pytest.mark.slow, needs_corpus]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_corpus]
 
 POOL = "vramflow-gpu"
 FLOWS = ("process-pdf", "sweep-inbox", "retry-failed")
@@ -113,8 +114,11 @@ def _prefect(env: dict[str, str], *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack(
-    prefect_server: PrefectServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    prefect_server_on_postgres: PrefectServer,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
+    prefect_server = prefect_server_on_postgres
     root = tmp_path_factory.mktemp("deployments")
     (root / "empty-inbox").mkdir()
     database_url = f"sqlite:///{root / 'vramflow.db'}"
