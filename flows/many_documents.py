@@ -10,6 +10,7 @@ concurrent model calls.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,9 @@ class DocumentJob:
 @task(name="process-document", task_run_name="process {job.name}", cache_policy=NO_CACHE)
 def process_document(job: DocumentJob) -> Outcome:
     """Run `process-pdf` for one document; its outcome, whatever the subflow's final state."""
-    return outcome_of_run(job.name, process_pdf(**job.parameters, return_state=True))
+    # `process_pdf` is an async flow; this thread has no event loop of its own.
+    state = asyncio.run(process_pdf(**job.parameters, return_state=True))
+    return outcome_of_run(job.name, state)
 
 
 def process_documents(jobs: list[DocumentJob], documents_at_once: int) -> list[Outcome]:

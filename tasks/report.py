@@ -1,4 +1,8 @@
-"""What a flow run shows in the Prefect UI: a progress artifact and a summary table."""
+"""What a flow run shows in the Prefect UI: a progress artifact and a summary table.
+
+Async, for the async `process-pdf` flow: Prefect's artifact functions called in an async flow
+return coroutines, so the flow awaits the async forms directly.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,10 @@ from typing import Any
 from uuid import UUID
 
 from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
 )
 
 from vramflow import progress
@@ -18,17 +22,23 @@ from vramflow import progress
 class ProgressReport:
     """A progress artifact for one document, also published to in-process listeners."""
 
-    def __init__(self, document: str, planned: int) -> None:
+    def __init__(self, document: str, planned: int, artifact_id: UUID) -> None:
         self.document, self.planned, self.finished = document, planned, 0
-        self.artifact_id: UUID = create_progress_artifact(
+        self.artifact_id = artifact_id
+
+    @classmethod
+    async def start(cls, document: str, planned: int) -> ProgressReport:
+        """Create the artifact at 0 % and tell the listeners."""
+        artifact_id = await acreate_progress_artifact(
             progress=0.0, description=f"Pages of {document} through the model"
         )
         progress.publish(document, 0, planned)
+        return cls(document, planned, artifact_id)
 
-    def advance(self, pages: int) -> None:
+    async def advance(self, pages: int) -> None:
         self.finished += pages
         share = 100.0 * self.finished / self.planned if self.planned else 100.0
-        update_progress_artifact(self.artifact_id, progress=share)
+        await aupdate_progress_artifact(self.artifact_id, progress=share)
         progress.publish(self.document, self.finished, self.planned)
 
 
@@ -40,7 +50,7 @@ def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
 
-def publish_summary(summary: dict[str, Any], sha256: str) -> None:
+async def publish_summary(summary: dict[str, Any], sha256: str) -> None:
     """A summary table (one row per figure) keyed by document, so runs of it line up."""
     rows = [
         {"figure": "status", "value": summary["status"]},
@@ -55,13 +65,13 @@ def publish_summary(summary: dict[str, Any], sha256: str) -> None:
         {"figure": "waiting for the GPU slot", "value": _secs(summary["slot_wait_seconds"])},
         {"figure": "OOM retries", "value": summary["oom_attempts"]},
     ]
-    create_table_artifact(
+    await acreate_table_artifact(
         table=rows,
         key=f"vramflow-summary-{sha256[:16]}",
         description=f"vramflow summary for {summary['file']}",
     )
     if summary.get("errors"):
         lines = "\n".join(f"- page {p}: {e}" for p, e in summary["errors"][:50])
-        create_markdown_artifact(
+        await acreate_markdown_artifact(
             markdown=f"## Page errors\n{lines}", description=f"Page errors of {summary['file']}"
         )

@@ -3,6 +3,7 @@ outcome its MANIFEST row predicts, and no file's failure touches another file's 
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -39,12 +40,14 @@ def corpus_run(prefect_harness, tiny_model_dir, tmp_path_factory):
     try:
         for row in manifest_rows():
             try:
-                outcomes[row["file"]] = process_pdf(
-                    path=str(CORPUS / row["file"]),
-                    password=row_password(row),
-                    model=str(tiny_model_dir),
-                    max_new_tokens=1,
-                    batch_size=8,
+                outcomes[row["file"]] = asyncio.run(
+                    process_pdf(
+                        path=str(CORPUS / row["file"]),
+                        password=row_password(row),
+                        model=str(tiny_model_dir),
+                        max_new_tokens=1,
+                        batch_size=8,
+                    )
                 )
             except DocumentError as exc:
                 outcomes[row["file"]] = exc

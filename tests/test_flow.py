@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def run(model_dir: Path, **params):
     from flows.process_pdf import process_pdf
 
     values = {"path": str(DEMO), "model": str(model_dir), "max_new_tokens": 3, "batch_size": 4}
-    return process_pdf(**{**values, **params})
+    return asyncio.run(process_pdf(**{**values, **params}))
 
 
 def attempts_of(url: str, page: int) -> list[tuple[str, int]]:
@@ -68,6 +69,25 @@ def test_flow_stores_one_result_per_page_and_a_rerun_does_nothing(env, tiny_mode
     assert forced["pages_inferred"] == 1
     with session_scope(env) as session:
         assert session.scalar(select(func.count(Result.id))) == 6  # updated in place
+
+
+def test_every_task_run_of_a_document_shares_the_flows_api_client(env, tiny_model_dir, monkeypatch):
+    """An async flow's task runs build a Prefect client each unless the flow leaves one in
+    their context; building them delayed the first extraction (see flows/process_pdf.py)."""
+    from prefect.context import SyncClientContext
+
+    from vramflow import pdf
+
+    seen, extract = [], pdf.extract_page
+
+    def recording(*args, **kwargs):
+        seen.append(SyncClientContext.get())
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(pdf, "extract_page", recording)
+    summary = run(tiny_model_dir)
+    assert summary["pages_ok"] == 6 and len(seen) == 6
+    assert seen[0] is not None and all(context is seen[0] for context in seen)
 
 
 def test_injected_oom_twice_splits_and_the_page_succeeds(env, tiny_model_dir, monkeypatch):
@@ -226,7 +246,7 @@ def test_process_documents_runs_at_most_documents_at_once_together(
     lock, running, most = threading.Lock(), [0], [0]
     together = threading.Barrier(documents_at_once, timeout=60)
 
-    def stand_in(path: str, return_state: bool) -> Completed:
+    async def stand_in(path: str, return_state: bool) -> Completed:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -109,15 +110,17 @@ def run(
             for file in files:
                 started = time.perf_counter()
                 try:
-                    summary = flow(
-                        path=str(file),
-                        prompt=prompt,
-                        model=model,
-                        max_new_tokens=max_new_tokens,
-                        batch_size=batch_size,
-                        password=password,
-                        pages=pages,
-                        force=force,
+                    summary = asyncio.run(
+                        flow(
+                            path=str(file),
+                            prompt=prompt,
+                            model=model,
+                            max_new_tokens=max_new_tokens,
+                            batch_size=batch_size,
+                            password=password,
+                            pages=pages,
+                            force=force,
+                        )
                     )
                 except VramflowError as exc:
                     failures += 1
