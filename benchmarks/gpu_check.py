@@ -19,6 +19,7 @@ least one did run out of memory (else the check proves nothing).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -108,13 +109,15 @@ def oom_split(args: argparse.Namespace) -> None:
         free = torch.cuda.mem_get_info(device)[0] if cuda else room
         ballast = torch.empty(free - room, dtype=torch.uint8, device=device)
         try:
-            summary = process_pdf(
-                str(args.pdf),
-                batch_size=OOM_BATCH,
-                model=args.model,
-                max_new_tokens=args.max_new_tokens,
-                pages=f"1-{len(texts)}",
-                force=True,
+            summary = asyncio.run(
+                process_pdf(
+                    str(args.pdf),
+                    batch_size=OOM_BATCH,
+                    model=args.model,
+                    max_new_tokens=args.max_new_tokens,
+                    pages=f"1-{len(texts)}",
+                    force=True,
+                )
             )
         finally:
             del ballast

@@ -56,8 +56,13 @@ class Intervals:
 
     @property
     def busy_seconds(self) -> float:
-        total, end = 0.0, float("-inf")
+        return self.busy_between(float("-inf"), float("inf"))
+
+    def busy_between(self, low: float, high: float) -> float:
+        """Busy time within [low, high] (`time.perf_counter` values)."""
+        total, end = 0.0, low
         for start, finish in sorted(self.intervals):
+            finish = min(finish, high)
             if finish <= end:
                 continue
             total += finish - max(start, end)

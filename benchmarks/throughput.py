@@ -188,14 +188,13 @@ def to_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[s
 
 
 def phase_overhead_ms_per_page(figures: dict[str, Any]) -> float | None:
-    """Orchestration per page while pages run: no page work happens in the flow process before
-    the first slot hold (extraction runs in the PDF workers) or after the last release, so the
-    wall time outside both, minus the page work, is what batches cost between them."""
+    """Orchestration per page while pages run: the time from the first slot hold to the last
+    release, minus the page work within it, is what batches cost between them."""
     before, after = figures.get("before_first_hold_seconds"), figures.get("after_last_hold_seconds")
-    if before is None or after is None:
+    if before is None or after is None or figures.get("phase_work_seconds") is None:
         return None
     phase = figures["wall_seconds"] - before - after
-    return 1000 * (phase - figures["work_seconds"]) / figures["pages"]
+    return 1000 * (phase - figures["phase_work_seconds"]) / figures["pages"]
 
 
 @contextmanager
@@ -241,6 +240,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
             (
                 f"flow_batch{c['batch_size']}",
                 c.get("before_first_hold_seconds"),
+                c.get("work_before_first_hold_seconds"),
                 c.get("after_last_hold_seconds"),
                 phase_overhead_ms_per_page(c),
             )
@@ -306,15 +306,16 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
             table(rows),
             "",
             f"flow candidates: {candidates}",
-            "fixed cost of the document (s before the first slot hold / after the last): "
+            "fixed cost of the document (s before the first slot hold, of which extracting "
+            "the first batch / after the last): "
             + ", ".join(
-                f"{name} {_fmt(before, '.2f')} / {_fmt(after, '.2f')}"
-                for name, before, after, _ in context["fixed"]
+                f"{name} {_fmt(before, '.2f')}, {_fmt(extracting, '.2f')} / {_fmt(after, '.2f')}"
+                for name, before, extracting, after, _ in context["fixed"]
             ),
             "orchestration ms/page from the first slot hold to the last release (the fixed cost "
             "left out): "
             + ", ".join(
-                f"{name} {_fmt(in_phase, '.0f')}" for name, _, _, in_phase in context["fixed"]
+                f"{name} {_fmt(in_phase, '.0f')}" for name, *_, in_phase in context["fixed"]
             ),
             "most threads seen, and CPU pressure (share of the run during which some task on",
             "this machine waited for a CPU; other work on the machine raises it):",

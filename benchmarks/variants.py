@@ -11,8 +11,8 @@ VARIANT is `sequential` (pypdf + one generate call per page, no Prefect), `naive
 
 The model is loaded and every variant warmed up on a one-page document before the clock starts;
 each `generate` call is counted by a wrapper on the model instance, and the page work (pypdf
-extraction in this process, and `generate_batch`: prompt, tokens, generate, decode) by wrappers
-on those functions.
+extraction, in this process for the loops and through the PDF worker processes for the flow, and
+`generate_batch`: prompt, tokens, generate, decode) by wrappers on those functions.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dic
         "batch_size": args.batch_size,
     }
     _log_retries()
-    process_pdf(str(warmup_pdf(args.home)), **common)
+    asyncio.run(process_pdf(str(warmup_pdf(args.home)), **common))
     meter.reset()
     PAGE_WORK.reset()
     with Sampler() as sampler:
@@ -232,19 +232,27 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dic
         if args.variant == "sweep":
             summary = sweep_inbox(str(args.pdf), documents_at_once=args.documents_at_once, **common)
         else:
-            summary = process_pdf(str(args.pdf), **common)
+            summary = asyncio.run(process_pdf(str(args.pdf), **common))
         wall, finished_at = time.perf_counter() - started, datetime.now(timezone.utc)
     url = Settings().resolved_database_url
     done = _pages_done(url, started_at)
     if done != page_count:
         raise SystemExit(f"{args.variant} finished {done} of {page_count} pages: {summary}")
+    slot = _slot_figures(url, started_at, finished_at)
+    if slot.get("before_first_hold_seconds") is not None:
+        first_hold = started + slot["before_first_hold_seconds"]
+        # Page work before the first hold is the first batch's extraction.
+        slot["work_before_first_hold_seconds"] = PAGE_WORK.busy_between(started, first_hold)
+        slot["phase_work_seconds"] = PAGE_WORK.busy_between(
+            first_hold, started + wall - slot["after_last_hold_seconds"]
+        )
     return {
         "wall_seconds": wall,
         "max_threads": sampler.max_threads,
         "rss_mib_profile": sampler.rss_profile(),
         "cpu_pressure": sampler.cpu_pressure,
         "database": url,
-        **_slot_figures(url, started_at, finished_at),
+        **slot,
     }
 
 
@@ -292,12 +300,15 @@ def run_plain(
     }
 
 
-def _measure_generate_batch() -> None:
-    """Count vramflow's `generate_batch` as page work, where the flow and the loops call it."""
-    from vramflow import inference, models
+def _measure_page_work() -> None:
+    """Count vramflow's `generate_batch` as page work, where the flow and the loops call it, and
+    the flow's page extraction: `pdf.extract_page`, a request to a PDF worker process, from the
+    moment a task asks for a worker until the text is back."""
+    from vramflow import inference, models, pdf
 
     measured = PAGE_WORK.wrap(models.generate_batch)
     models.generate_batch = inference.generate_batch = measured
+    pdf.extract_page = PAGE_WORK.wrap(pdf.extract_page)
 
 
 def main(argv: list[str]) -> None:
@@ -320,7 +331,7 @@ def main(argv: list[str]) -> None:
     loaded = models.load_model(args.model, args.model_cache_dir, dtype)
     meter = CallMeter()
     meter.install(loaded.model)
-    _measure_generate_batch()
+    _measure_page_work()
     if args.variant in ("flow", "sweep"):
         figures = run_flow(args, meter, len(pages))
     else:
