@@ -4,14 +4,15 @@
     python benchmarks/throughput.py --pages 3 --max-new-tokens 2 --model ./tiny --json
 
 Variants (each in a fresh interpreter, so peak RSS is its own):
-  sequential   pypdf + one `generate` per page in a plain loop, no Prefect
+  sequential   pypdf + one `generate` per page in a plain loop, no Prefect; run first and again
+               last, and the mean of the two is the baseline (the machine's speed drifts)
   naive_async  `asyncio.gather` over the pages, each extracted and generated in a thread
   flow_batch1  vramflow's `process_pdf` flow with batch size 1
   flow_best    the flow at the fastest of `--batch-sizes`
 
 Model loading and a one-page warm-up run are left out of every timing. Orchestration overhead is
-wall time minus the time the page work ran (pypdf extraction in the process, and vramflow's
-`generate_batch`: prompt, tokens, generate, decode), per page; non-model time is wall time minus
+wall time minus the time the page work ran (pypdf extraction, in the process or through the
+flow's PDF workers, and vramflow's `generate_batch`: prompt, tokens, generate, decode), per page; non-model time is wall time minus
 the time the model's `generate` ran, per page. The slot busy fraction comes from the database
 (inference time over first slot acquisition to last release).
 """
@@ -187,6 +188,18 @@ def to_row(name: str, figures: dict[str, Any], baseline: float | None) -> dict[s
     return row
 
 
+def mean_of_runs(first: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    """One baseline from the plain loop run before and after the other variants: this machine's
+    speed drifts by several percent over the minutes between them, and the mean of the two is
+    the fairer measure for variants run in between. Peaks are the higher of the two."""
+    mean = {**first}
+    for key in ("wall_seconds", "work_seconds", "model_seconds"):
+        mean[key] = (first[key] + again[key]) / 2
+    for key in ("peak_rss_bytes", "max_concurrent_calls"):
+        mean[key] = max(first[key], again[key])
+    return mean
+
+
 def phase_overhead_ms_per_page(figures: dict[str, Any]) -> float | None:
     """Orchestration per page while pages run: the time from the first slot hold to the last
     release, minus the page work within it, is what batches cost between them."""
@@ -210,7 +223,7 @@ def flow_server(work: Path, given_url: str | None) -> Iterator[list[str]]:
 def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every variant's row, and what describes the run (device, database, candidates)."""
     args.pdf, pages_from = build_page_set(work, args.pages)
-    sequential = run_variant("sequential", work, "sequential", args, [])
+    first = run_variant("sequential", work, "sequential", args, [])
     naive = run_variant("naive_async", work, "naive_async", args, [])
     with flow_server(work, args.prefect_api_url) as server:
         batch1 = run_variant("flow", work, "flow_batch1", args, [*server, "--batch-size", "1"])
@@ -220,6 +233,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
             )
             for size in batch_sizes(args.batch_sizes)
         ]
+    again = run_variant("sequential", work, "sequential_again", args, [])
+    sequential = mean_of_runs(first, again)
     best = max(candidates, key=lambda figures: figures["pages"] / figures["wall_seconds"])
     base = sequential["pages"] / sequential["wall_seconds"]
     rows = [
@@ -232,6 +247,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
         "database": f"SQLite, a fresh file per flow process ({batch1['database']})",
         "prefect": args.prefect_api_url or "a temporary local server started for the run (SQLite)",
         "pages_from": pages_from,
+        "sequential_runs": [f["pages"] / f["wall_seconds"] for f in (first, again)],
         "candidates": [
             (c["batch_size"], c["pages"] / c["wall_seconds"], c["slot_busy_fraction"])
             for c in candidates
@@ -305,6 +321,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
             "",
             table(rows),
             "",
+            "sequential: {:.3f} pages/s before the other variants, {:.3f} after them; the "
+            "row and every ratio use their mean".format(*context["sequential_runs"]),
             f"flow candidates: {candidates}",
             "fixed cost of the document (s before the first slot hold, of which extracting "
             "the first batch / after the last): "
