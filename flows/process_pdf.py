@@ -85,6 +85,7 @@ async def process_pdf(
 async def _process_document(
     path: str, password: str | None, pages: str | None, force: bool, settings: Settings
 ) -> dict[str, Any]:
+    """Open the file, extract and infer its pages batch by batch, and publish the summary."""
     logger = get_run_logger()
     document_id, page_count = await asyncio.to_thread(open_document, path, password, settings)
     numbers = parse_page_range(pages, page_count)
