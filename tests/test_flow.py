@@ -234,8 +234,9 @@ def test_the_flow_loads_the_weights_in_the_configured_dtype(env, tiny_model_dir,
 def test_process_documents_runs_at_most_documents_at_once_together(
     prefect_harness, monkeypatch, documents_at_once
 ):
-    """Subflows stand in for process-pdf here: whether real ones overlap also depends on how
-    fast the server creates their runs, and this is about how many the sweep lets run."""
+    """A plain coroutine stands in for process-pdf here: whether real subflows overlap also
+    depends on how fast the server creates their runs, and this is about how many the sweep
+    lets run."""
     import threading
 
     from prefect import flow
