@@ -29,6 +29,7 @@ from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
 from vramflow.errors import ConfigError
+from vramflow.extraction_budget import ExtractionBudget
 from vramflow.runs import key_parts, parse_page_range, validate_prompt
 
 
@@ -87,7 +88,10 @@ async def _process_document(
 ) -> dict[str, Any]:
     """Open the file, extract and infer its pages batch by batch, and publish the summary."""
     logger = get_run_logger()
+    opening = time.monotonic()
     document_id, page_count = await asyncio.to_thread(open_document, path, password, settings)
+    # The document's extraction time limit: opening it counts, waiting for the model does not.
+    budget = ExtractionBudget(settings.document_timeout_seconds, time.monotonic() - opening)
     numbers = parse_page_range(pages, page_count)
     key = queries.ResultKey(document_id, *key_parts(settings))
     extracted, already = await asyncio.to_thread(
@@ -105,13 +109,12 @@ async def _process_document(
         retries=settings.oom_retries, retry_delay_seconds=settings.oom_retry_delay_seconds
     )
     batches = []
-    deadline = time.time() + settings.document_timeout_seconds  # extraction budget of the file
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
         # Submitting each batch right after its pages' extraction lets inference of early
         # batches overlap extraction of later ones.
         extracts = [
-            extract_page.submit(document_id, path, n, password, settings, deadline)
+            extract_page.submit(document_id, path, n, password, settings, budget)
             for n in batch
             if n not in extracted
         ]

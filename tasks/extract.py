@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -11,6 +9,7 @@ from vramflow import pdf
 from vramflow.config import Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
+from vramflow.extraction_budget import ExtractionBudget
 
 
 @task(name="extract-page", cache_policy=NO_CACHE, task_run_name="extract page {page_number}")
@@ -20,14 +19,14 @@ def extract_page(
     page_number: int,
     password: str | None,
     settings: Settings,
-    deadline: float,
+    budget: ExtractionBudget,
 ) -> str:
     """Returns the page status (ok, no_text, failed); a bad page never fails the task.
 
-    `deadline` (epoch seconds) is the document's extraction budget: pages after it fail fast.
+    `budget` is the document's extraction time limit: once it is spent, pages fail fast.
     """
-    budget = min(settings.page_timeout_seconds, deadline - time.time())
-    if budget <= 0:
+    allowed = min(settings.page_timeout_seconds, budget.remaining())
+    if allowed <= 0:
         page = pdf.PageText(
             page_number,
             "",
@@ -39,7 +38,8 @@ def extract_page(
             f"({settings.document_timeout_seconds:g} s) was reached",
         )
     else:
-        page = pdf.extract_page(path, page_number, password, timeout_s=budget)
+        page = pdf.extract_page(path, page_number, password, timeout_s=allowed)
+        budget.spend(page.extract_seconds)
     with session_scope(settings.resolved_database_url) as session:
         queries.record_page(
             session,

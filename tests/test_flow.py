@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -27,11 +29,17 @@ def env(tmp_path, monkeypatch, prefect_harness):
     return f"sqlite:///{tmp_path / 'home' / 'vramflow.db'}"
 
 
-def run(model_dir: Path, **params):
+def run(model_dir: Path, task_workers: int | None = None, **params):
+    """The flow over the demo PDF; `task_workers=1` runs its tasks one at a time, in order."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from flows.process_pdf import process_pdf
 
+    flow = process_pdf
+    if task_workers:
+        flow = process_pdf.with_options(task_runner=ThreadPoolTaskRunner(task_workers))
     values = {"path": str(DEMO), "model": str(model_dir), "max_new_tokens": 3, "batch_size": 4}
-    return asyncio.run(process_pdf(**{**values, **params}))
+    return asyncio.run(flow(**{**values, **params}))
 
 
 def attempts_of(url: str, page: int) -> list[tuple[str, int]]:
@@ -154,6 +162,46 @@ def test_pages_without_text_skip_inference(env, tiny_model_dir, tmp_path):
         statuses = dict(session.execute(select(Page.page_number, Page.status)).all())
         assert statuses == {1: "ok", 2: "no_text", 3: "ok"}
         assert session.scalar(select(func.count(Result.id))) == 2
+
+
+def test_pages_waiting_for_the_model_keep_their_extraction_time(env, tiny_model_dir, monkeypatch):
+    """The document's extraction time limit counts extracting, not waiting: with one task
+    thread, page 6 is extracted only after five model calls, long after the limit here."""
+    from tasks import infer
+
+    monkeypatch.setenv("VRAMFLOW_DOCUMENT_TIMEOUT_SECONDS", "2")
+    model_call = infer.run_batch
+
+    def slow_model(*args, **kwargs):
+        time.sleep(0.6)  # a model slower, over the document, than its extraction limit
+        return model_call(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "run_batch", slow_model)
+    summary = run(tiny_model_dir, task_workers=1, batch_size=1)
+    assert summary["status"] == "done" and summary["pages_ok"] == 6, summary["errors"]
+
+
+def test_pages_after_the_extraction_time_limit_fail_alone(env, tiny_model_dir, monkeypatch):
+    """Every page takes 4 s to extract (as its worker reports it) against a limit of 10 s:
+    pages 1-3 start within the limit, 4-6 fail with a stored reason and are not inferred."""
+    from vramflow import pdf
+
+    monkeypatch.setenv("VRAMFLOW_DOCUMENT_TIMEOUT_SECONDS", "10")
+    extract = pdf.extract_page
+
+    def slow_pages(*args, **kwargs):
+        return dataclasses.replace(extract(*args, **kwargs), extract_seconds=4.0)
+
+    monkeypatch.setattr(pdf, "extract_page", slow_pages)
+    summary = run(tiny_model_dir, task_workers=1, batch_size=1)
+    assert summary["status"] == "partial" and summary["pages_ok"] == 3
+    with session_scope(env) as session:
+        pages = {p.page_number: p for p in session.scalars(select(Page))}
+        inferred = set(session.scalars(select(Result.page_number)))
+    assert [pages[n].status for n in range(1, 7)] == ["ok"] * 3 + ["failed"] * 3
+    assert all(pages[n].error_type == "LimitExceededError" for n in (4, 5, 6))
+    assert "extraction time limit (10 s) was reached" in pages[6].error_message
+    assert inferred == {1, 2, 3}
 
 
 def test_device_memory_is_handed_back_only_with_the_weights(env, tiny_model_dir, monkeypatch):

@@ -95,7 +95,9 @@ class Settings(BaseSettings):
     max_pages: int = Field(default=5000, ge=1, description="Documents with more pages fail.")
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longer prompts are refused.")
     document_timeout_seconds: float = Field(
-        default=600, gt=0, description="Opening a document and extracting all its pages, in total."
+        default=600,
+        gt=0,
+        description="Seconds a document may spend being opened and extracted, waits excluded.",
     )
     page_timeout_seconds: float = Field(
         default=60, gt=0, description="Extracting one page may take this long; it fails alone."
