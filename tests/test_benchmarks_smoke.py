@@ -78,3 +78,16 @@ def test_sweep_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert row["pages_per_s"] > 0
     for row in rows[1:]:
         assert 0 < row["slot_busy_fraction"] <= 1
+
+
+def test_paired_runs_compare_each_flow_run_with_the_loop_runs_around_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    options = ["--pages", "2", "--pairs", "1", "--max-new-tokens", "2"]
+    rows, _ = run_json("paired.py", options, tiny_model_dir, tmp_path)
+
+    [row] = rows
+    assert row["pair"] == 1 and len(row["sequential_pages_per_s"]) == 2
+    loop_rate = 2 / (sum(2 / rate for rate in row["sequential_pages_per_s"]) / 2)
+    assert abs(row["ratio"] - row["flow_pages_per_s"] / loop_rate) < 1e-9
+    assert row["model_time_ratio"] > 0 and row["flow_non_model_ms_per_page"] > 0
