@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import SyncClientContext
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
@@ -31,6 +33,11 @@ from vramflow.db.session import session_scope
 from vramflow.errors import ConfigError
 from vramflow.extraction_budget import ExtractionBudget
 from vramflow.runs import key_parts, parse_page_range, validate_prompt
+
+# Batches submitted ahead of the one holding the slot, counting it. Two keep the device busy
+# when extracting a batch takes less time than inferring one; the third is slack for pages
+# that are slow to extract.
+BATCHES_IN_FLIGHT = 3
 
 
 def _run_name() -> str:
@@ -108,21 +115,31 @@ async def _process_document(
     infer = infer_batch.with_options(
         retries=settings.oom_retries, retry_delay_seconds=settings.oom_retry_delay_seconds
     )
-    batches = []
-    for start in range(0, len(todo), settings.batch_size):
-        batch = todo[start : start + settings.batch_size]
-        # Submitting each batch right after its pages' extraction lets inference of early
-        # batches overlap extraction of later ones.
+    batches = deque(
+        todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)
+    )
+
+    def submit(batch: list[int]) -> tuple[list[int], PrefectFuture]:
+        """The batch's page extractions, and its inference once they are done."""
         extracts = [
             extract_page.submit(document_id, path, n, password, settings, budget)
             for n in batch
             if n not in extracted
         ]
-        batches.append(
-            (batch, infer.submit(document_id, batch, settings, force, wait_for=extracts))
-        )
-    for batch, future in batches:
+        return batch, infer.submit(document_id, batch, settings, force, wait_for=extracts)
+
+    # A few batches in flight: while one holds the slot the next waits at it, extracted, and
+    # the one after is being extracted. With every page submitted at once, the first slot
+    # request waited out the server's writes of all those task runs (16 pages at batch size 1
+    # on SQLite: 0.36-0.66 s against 0.22 s), and a long document held a future per page.
+    in_flight = deque(
+        submit(batches.popleft()) for _ in range(min(BATCHES_IN_FLIGHT, len(batches)))
+    )
+    while in_flight:
+        batch, future = in_flight.popleft()
         await asyncio.to_thread(future.wait)
+        if batches:
+            in_flight.append(submit(batches.popleft()))
         if future.state.is_failed():
             logger.error("pages %s failed: %s", batch, future.state.message)
         await report.advance(len(batch))

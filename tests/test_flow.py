@@ -164,6 +164,34 @@ def test_pages_without_text_skip_inference(env, tiny_model_dir, tmp_path):
         assert session.scalar(select(func.count(Result.id))) == 2
 
 
+def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_dir, monkeypatch):
+    """A document keeps BATCHES_IN_FLIGHT batches submitted, not every page from the start:
+    at batch size 1, page 4 is extracted only after page 1's model call is over."""
+    from flows.process_pdf import BATCHES_IN_FLIGHT
+    from tasks import infer
+    from vramflow import pdf
+
+    extracted, inferred = {}, {}
+    extract, model_call = pdf.extract_page, infer.run_batch
+
+    def recording_extract(path, page_number, *args, **kwargs):
+        extracted[page_number] = time.monotonic()
+        return extract(path, page_number, *args, **kwargs)
+
+    def recording_model(loaded, inputs, *args, **kwargs):
+        time.sleep(0.3)  # a slow model: time enough for pages further ahead to be extracted
+        outcome = model_call(loaded, inputs, *args, **kwargs)
+        inferred.update((page.page_number, time.monotonic()) for page in inputs)
+        return outcome
+
+    monkeypatch.setattr(pdf, "extract_page", recording_extract)
+    monkeypatch.setattr(infer, "run_batch", recording_model)
+    summary = run(tiny_model_dir, batch_size=1)
+    assert summary["pages_ok"] == 6 and BATCHES_IN_FLIGHT < 6
+    for page in range(BATCHES_IN_FLIGHT + 1, 7):
+        assert extracted[page] > inferred[page - BATCHES_IN_FLIGHT], page
+
+
 def test_pages_waiting_for_the_model_keep_their_extraction_time(env, tiny_model_dir, monkeypatch):
     """The document's extraction time limit counts extracting, not waiting: with one task
     thread, page 6 is extracted only after five model calls, long after the limit here."""
