@@ -6,7 +6,8 @@
 
 Splits the benchmark pages (the same as throughput.py's) into documents of equal length and
 runs, each in a fresh interpreter on the same model and pages:
-  sequential   pypdf + one `generate` per page over every document in a plain loop, no Prefect
+  sequential   pypdf + one `generate` per page over every document in a plain loop, no Prefect;
+               run first and again last, and the mean of the two is the baseline
   sweep_atN    vramflow's `sweep_inbox` flow with `documents_at_once` N, for each of `--at-once`
 
 Every document has a fixed cost outside the GPU slot (its flow run, opening, Prefect's teardown);
@@ -37,6 +38,7 @@ from throughput import (  # noqa: E402
     add_variant_options,
     batch_sizes,
     flow_server,
+    mean_of_runs,
     run_variant,
     to_row,
     work_folder,
@@ -86,15 +88,18 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     pages = args.documents * args.pages_per_document
     source, _ = build_page_set(work, pages)
     args.pdf = split_documents(source, work / "inbox", args.documents, args.pages_per_document)
-    sequential = run_variant("sequential", work, "sequential", args, [])
-    base = sequential["pages"] / sequential["wall_seconds"]
-    rows = [sweep_row("sequential", sequential, None)]
+    first = run_variant("sequential", work, "sequential", args, [])
+    sweeps = []
     with flow_server(work, args.prefect_api_url) as server:
         for at_once in batch_sizes(args.at_once):
             options = [*server, "--batch-size", str(args.batch_size)]
             options += ["--documents-at-once", str(at_once)]
-            figures = run_variant("sweep", work, f"sweep_at{at_once}", args, options)
-            rows.append(sweep_row(f"sweep_at{at_once}", figures, base))
+            sweeps.append(run_variant("sweep", work, f"sweep_at{at_once}", args, options))
+    # As in throughput.py: the plain loop before and after, against the machine's drift.
+    sequential = mean_of_runs(first, run_variant("sequential", work, "sequential_again", args, []))
+    base = sequential["pages"] / sequential["wall_seconds"]
+    rows = [sweep_row("sequential", sequential, None)]
+    rows += [sweep_row(f"sweep_at{f['documents_at_once']}", f, base) for f in sweeps]
     return rows
 
 
