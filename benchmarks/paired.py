@@ -32,7 +32,9 @@ from throughput import (  # noqa: E402
     add_output_options,
     add_variant_options,
     flow_server,
+    mean_of_runs,
     run_variant,
+    to_row,
     work_folder,
 )
 
@@ -55,25 +57,20 @@ def pair_rows(loops: list[dict[str, Any]], flows: list[dict[str, Any]]) -> list[
     rows = []
     for number, flow in enumerate(flows, start=1):
         before, after = loops[number - 1], loops[number]
-        loop_wall = (before["wall_seconds"] + after["wall_seconds"]) / 2
-        loop_model = (before["model_seconds"] + after["model_seconds"]) / 2
-        pages = flow["pages"]
+        loop = mean_of_runs(before, after)
+        row = to_row("flow_batch1", flow, loop["pages"] / loop["wall_seconds"])
         rows.append(
             {
                 "pair": number,
                 "sequential_pages_per_s": [
-                    pages / before["wall_seconds"],
-                    pages / after["wall_seconds"],
+                    before["pages"] / before["wall_seconds"],
+                    after["pages"] / after["wall_seconds"],
                 ],
-                "flow_pages_per_s": pages / flow["wall_seconds"],
-                "ratio": loop_wall / flow["wall_seconds"],
-                "model_time_ratio": flow["model_seconds"] / loop_model,
-                "flow_overhead_ms_per_page": 1000
-                * (flow["wall_seconds"] - flow["work_seconds"])
-                / pages,
-                "flow_non_model_ms_per_page": 1000
-                * (flow["wall_seconds"] - flow["model_seconds"])
-                / pages,
+                "flow_pages_per_s": row["pages_per_s"],
+                "ratio": row["ratio_to_sequential"],
+                "model_time_ratio": flow["model_seconds"] / loop["model_seconds"],
+                "flow_overhead_ms_per_page": row["overhead_ms_per_page"],
+                "flow_non_model_ms_per_page": row["non_model_ms_per_page"],
                 "flow_cpu_pressure": flow["cpu_pressure"],
             }
         )
