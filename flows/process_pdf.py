@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,7 @@ async def _process_document(
     infer = infer_batch.with_options(
         retries=settings.oom_retries, retry_delay_seconds=settings.oom_retry_delay_seconds
     )
-    batches = deque(
-        todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)
-    )
+    batches = (todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size))
 
     def submit(batch: list[int]) -> tuple[list[int], PrefectFuture]:
         """The batch's page extractions, and its inference once they are done."""
@@ -132,14 +131,12 @@ async def _process_document(
     # the one after is being extracted. With every page submitted at once, the first slot
     # request waited out the server's writes of all those task runs (16 pages at batch size 1
     # on SQLite: 0.36-0.66 s against 0.22 s), and a long document held a future per page.
-    in_flight = deque(
-        submit(batches.popleft()) for _ in range(min(BATCHES_IN_FLIGHT, len(batches)))
-    )
+    in_flight = deque(submit(batch) for batch in islice(batches, BATCHES_IN_FLIGHT))
     while in_flight:
         batch, future = in_flight.popleft()
         await asyncio.to_thread(future.wait)
-        if batches:
-            in_flight.append(submit(batches.popleft()))
+        if (following := next(batches, None)) is not None:
+            in_flight.append(submit(following))
         if future.state.is_failed():
             logger.error("pages %s failed: %s", batch, future.state.message)
         await report.advance(len(batch))
