@@ -159,6 +159,19 @@ def _open_new_files_together(directory: str, rounds: int, barrier, results) -> N
         results.put(("error", traceback.format_exc()))
 
 
+def test_sqlite_connections_use_wal_foreign_keys_and_a_sync_per_checkpoint(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'vramflow.db'}"
+    try:
+        with get_engine(url).connect() as conn:
+            pragmas = {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "foreign_keys", "synchronous")
+            }
+    finally:
+        dispose_engines()
+    assert pragmas == {"journal_mode": "wal", "foreign_keys": 1, "synchronous": 1}  # 1: NORMAL
+
+
 def test_processes_switching_a_new_file_to_wal_together_all_succeed(tmp_path) -> None:
     # Two processes switching one file to WAL at once can get "database is locked" without
     # the busy handler being called; across 30 rounds of 3 processes that happened in about

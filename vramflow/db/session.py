@@ -22,6 +22,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # a concurrent writer wait instead of failing with "database is locked".
     enable_wal(dbapi_connection)
     dbapi_connection.execute("PRAGMA foreign_keys=ON")
+    # In WAL, NORMAL syncs at checkpoints instead of at every commit: a commit took 3-5 ms
+    # (0.2-0.5 ms without the sync), several of them between two batches on the GPU slot. A
+    # crashed process loses nothing; a power cut can lose the last commits, pages that are
+    # then run again. Prefect's own SQLite database makes the same choice.
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def get_engine(url: str) -> Engine:
