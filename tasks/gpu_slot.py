@@ -3,7 +3,8 @@
 `gpu_slot` makes sure the limit exists, is active, has the right size and does not decay before
 every acquisition (Prefect silently runs unlimited when it is missing or inactive), frees the slots
 of holders on this host that died without releasing (recorded by `vramflow.slot_records`), takes
-one slot with a lease that is renewed while held, and releases it when the block ends.
+one slot with a lease that is renewed while the slot stays in this process
+(`tasks.lease_keeper`), and releases it when the block ends.
 
 Inside one process a semaphore of `size` per slot name sits in front of the server, and a lock
 lets only one thread at a time poll the server; a release in this process wakes the poller at
@@ -42,12 +43,12 @@ from prefect.client.schemas.responses import (
     ConcurrencyLimitWithLeaseResponse,
     GlobalConcurrencyLimitResponse,
 )
-from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.concurrency._sync import release_concurrency_slots_with_lease
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
 
+from tasks.lease_keeper import LeaseKeeper
 from vramflow import slot_records
 from vramflow.errors import ConfigError, SlotError
 
@@ -93,6 +94,7 @@ class Resident:
 class _Lease:
     lease_id: UUID
     granted: float  # time.monotonic() when the server granted it
+    keeper: LeaseKeeper  # renews it until it goes back to the server
     resident: Resident | None = None
 
 
@@ -146,15 +148,21 @@ def gpu_slot(
     gate = _gate(name, size)
     parked = _enter(gate, name, deadline, records)
     try:
+        if parked is not None and parked.keeper.lost:
+            # Its renewal failed while it waited here: the server may have given it away.
+            _release(name, parked, records)
+            parked = None
         if parked is None:
             with _held(gate.poll, name, deadline):
                 lease_id = _acquire(name, size, lease_seconds, deadline, records, gate)
-            lease = _Lease(lease_id, time.monotonic())
+            lease = _Lease(lease_id, time.monotonic(), LeaseKeeper(lease_id, lease_seconds))
         else:
             lease = parked
         held_since = time.monotonic()
         hold: SlotHold | None = None
         try:
+            if parked is None:
+                lease.keeper.start()
             if lease.resident is not None and (
                 resident is None or lease.resident.key != resident.key
             ):
@@ -168,9 +176,7 @@ def gpu_slot(
                 handed_over=parked is not None,
             )
             logger.info("holding slot %s after waiting %.2f s", name, hold.wait_seconds)
-            with maintain_concurrency_lease(
-                lease.lease_id, lease_seconds, raise_on_lease_renewal_failure=True
-            ):
+            with lease.keeper.holding():
                 yield hold
         finally:
             if hold is not None:
@@ -207,7 +213,7 @@ def _enter(gate: _Gate, name: str, deadline: float | None, records: Path) -> _Le
 def _park(gate: _Gate, lease: _Lease, handoff_seconds: float, records: Path, name: str) -> bool:
     """Keep `lease` for a waiting thread of this process, if one waits, unless the lease is
     older than `handoff_seconds` and another process of this host waits for the slot."""
-    if handoff_seconds <= 0:
+    if handoff_seconds <= 0 or lease.keeper.lost:
         return False
     with gate.state:
         if gate.waiting <= len(gate.parked):
@@ -315,6 +321,7 @@ def _record(records_dir: Path, name: str, lease_id: UUID, limit_id: UUID) -> Non
 
 def _release(name: str, lease: _Lease, records_dir: Path) -> None:
     """Clear the device of what the last holder left, then give the slot back to the server."""
+    lease.keeper.stop()
     try:
         _evict(lease)
     finally:

@@ -36,6 +36,7 @@ from prefect.exceptions import ObjectNotFound
 
 from tasks import gpu_slot as gpu_slot_module
 from tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
+from tasks.lease_keeper import LeaseKeeper
 from tests.support.servers import (
     REPO_ROOT,
     api_url_everywhere,
@@ -340,6 +341,11 @@ def another_waiting_process(tmp_path: Path) -> Iterator[Callable[[str], None]]:
     sleeper.wait()
 
 
+# A hand-off window every lease has outgrown by the time its holder leaves (a hold takes well
+# over a microsecond); 0 would turn hand-offs off.
+OLD_AT_ONCE = 1e-6
+
+
 def second_hold_after_first(name: str, records: Path, handoff: float, seen: list):
     model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
     with gpu_slot(name, records_dir=records, handoff_seconds=handoff, resident=model_a) as first:
@@ -360,7 +366,7 @@ def test_without_handoff_the_slot_goes_back_to_the_server_first(use_prefect_serv
 
 def test_an_old_lease_still_passes_on_when_no_other_process_waits(use_prefect_server, tmp_path):
     name, seen = unique_name("old-alone"), []
-    first = second_hold_after_first(name, tmp_path, 0.001, seen)  # old by the time it is left
+    first = second_hold_after_first(name, tmp_path, OLD_AT_ONCE, seen)
 
     evicted, (_, second, _) = seen  # the second holder leaves nothing: the device is cleared
     assert second.handed_over and second.lease_id == first.lease_id
@@ -372,8 +378,8 @@ def test_an_old_lease_goes_back_when_another_process_waits(
 ):
     name, seen = unique_name("old-shared"), []
     model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=0.001, resident=model_a):
-        thread = hold_after(name, tmp_path, seen, handoff=0.001)
+    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=OLD_AT_ONCE, resident=model_a):
+        thread = hold_after(name, tmp_path, seen, handoff=OLD_AT_ONCE)
         another_waiting_process(name)  # it waited longer than our second thread
     # The slot went back to the server, and our waiter lets the process ahead of it ask first:
     # it stays in line while that process (which never asks) waits.
@@ -423,7 +429,8 @@ def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
 
 def test_a_waiter_that_gives_up_releases_the_lease_parked_for_it(monkeypatch, tmp_path):
     gate = gpu_slot_module._Gate(1)
-    parked = gpu_slot_module._Lease(uuid.uuid4(), time.monotonic())
+    lease_id = uuid.uuid4()
+    parked = gpu_slot_module._Lease(lease_id, time.monotonic(), LeaseKeeper(lease_id, 60))
     released = []
 
     def give_up(semaphore, name, deadline):

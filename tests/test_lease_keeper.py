@@ -1,0 +1,135 @@
+"""The GPU slot's lease keeper against a real Prefect server: renewal, and a lost lease."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+from prefect._internal.concurrency.cancellation import CancelledError
+from prefect.client.orchestration import get_client
+from prefect.concurrency._sync import (
+    acquire_concurrency_slots_with_lease,
+    release_concurrency_slots_with_lease,
+)
+
+from tasks import gpu_slot as gpu_slot_module
+from tasks import lease_keeper
+from tasks.gpu_slot import ensure_slot_limit, gpu_slot
+from tasks.lease_keeper import LeaseKeeper, LeaseLost
+
+QUICK = 0.05  # seconds between renewals in these tests (in use: 45 s of a 60 s lease)
+
+
+def unique_name(label: str) -> str:
+    return f"vramflow-test-{label}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def take_lease(name: str):
+    ensure_slot_limit(name, 1)
+    return acquire_concurrency_slots_with_lease([name], 1, lease_duration=60, strict=True)
+
+
+def active_slots(name: str) -> int:
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(name).active_slots
+
+
+def hold_until_cancelled(keeper: LeaseKeeper, outcome: list[str]) -> threading.Thread:
+    """A holder that works in small steps until something stops it (at most 30 s)."""
+
+    def run() -> None:
+        try:
+            with keeper.holding():
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+            outcome.append("ran out of time")
+        except CancelledError:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
+    thread.start()
+    return thread
+
+
+def test_the_keeper_renews_on_a_timer_until_stopped(use_prefect_server):
+    name = unique_name("renew")
+    lease = take_lease(name)
+    keeper = LeaseKeeper(lease.lease_id, 60, every_seconds=QUICK)
+    keeper.start()
+    wait_until(lambda: keeper.renewals >= 3)
+    keeper.stop()
+    renewals = keeper.renewals
+    keeper._thread.join(10)
+
+    assert not keeper.lost and not keeper._thread.is_alive()
+    assert keeper.renewals <= renewals + 1  # at most the one in flight when it was stopped
+    release_concurrency_slots_with_lease(lease.lease_id)
+    assert active_slots(name) == 0
+
+
+def test_a_revoked_lease_cancels_its_holder_and_refuses_the_next(use_prefect_server):
+    name = unique_name("revoked")
+    lease = take_lease(name)
+    keeper = LeaseKeeper(lease.lease_id, 60, every_seconds=QUICK)
+    keeper.start()
+    outcome: list[str] = []
+    holder = hold_until_cancelled(keeper, outcome)
+    wait_until(lambda: keeper.renewals >= 1)
+
+    release_concurrency_slots_with_lease(lease.lease_id)  # the server no longer knows it
+    holder.join(30)
+
+    assert outcome == ["cancelled"] and keeper.lost
+    with pytest.raises(LeaseLost), keeper.holding():
+        pass
+
+
+def test_a_holder_whose_lease_is_revoked_stops_and_the_next_gets_a_new_lease(
+    use_prefect_server, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(lease_keeper, "RENEWAL_FRACTION", QUICK / 60)
+    name, taken, outcome, seen = unique_name("revoked-held"), [], [], []
+
+    def first() -> None:
+        try:
+            with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30) as hold:
+                taken.append(hold)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+            outcome.append("ran out of time")
+        except CancelledError:
+            outcome.append("cancelled")
+
+    def second() -> None:
+        with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30) as hold:
+            seen.append((hold, active_slots(name)))
+
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(first,))
+    holder.start()
+    wait_until(lambda: bool(taken))
+    waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
+    waiter.start()
+    wait_until(lambda: gpu_slot_module._gates[(name, 1)].waiting == 1)
+
+    release_concurrency_slots_with_lease(taken[0].lease_id)  # revoked while held
+    holder.join(30)
+    waiter.join(30)
+
+    # The lost lease is not passed on: the waiter asks the server, which counts it alone.
+    [(next_hold, active)] = seen
+    assert outcome == ["cancelled"]
+    assert not next_hold.handed_over and next_hold.lease_id != taken[0].lease_id
+    assert active == 1 and active_slots(name) == 0
