@@ -1,7 +1,9 @@
 """The GPU slot: a Prefect global concurrency limit that is never skipped and never leaks.
 
 `gpu_slot` makes sure the limit exists, is active, has the right size and does not decay before
-every acquisition (Prefect silently runs unlimited when it is missing or inactive), frees the slots
+every acquisition, and again each time it finds the slot taken (Prefect silently runs unlimited
+when the limit is missing or inactive); a request the busy server answered with 503 is simply
+made again. It frees the slots
 of holders on this host that died without releasing (recorded by `vramflow.slot_records`), takes
 one slot with a lease that is renewed while the slot stays in this process
 (`tasks.lease_keeper`), and releases it when the block ends.
@@ -30,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 from uuid import UUID
 
 import httpx
@@ -60,8 +63,10 @@ _FIRST_IN_LINE_POLL_SECONDS = 0.25
 # Pause between two looks at the line by a process behind another (no server request).
 _IN_LINE_POLL_SECONDS = 0.1
 _ENSURE_ATTEMPTS = 4
-# Pause before asking again when the server answered 503 (its database was busy).
-_BUSY_RETRY_SECONDS = 0.05
+# Pauses before asking again when the server answered 503 (its SQLite database was busy,
+# usually with a burst of task-run writes): the first, and the cap as it doubles.
+_BUSY_RETRY_SECONDS = 0.01
+_BUSY_RETRY_MAX_SECONDS = 0.2
 
 
 @dataclass
@@ -249,6 +254,8 @@ def _acquire(
     records_dir: Path,
     gate: _Gate,
 ) -> UUID:
+    limit: GlobalConcurrencyLimitResponse | None = None
+    busy_pause = _BUSY_RETRY_SECONDS
     with slot_records.waiting_line(records_dir, name) as line:
         while True:
             gate.released.clear()
@@ -257,13 +264,20 @@ def _acquire(
                 logger.debug("slot %s: another process of this host is ahead in line", name)
             else:
                 with _api_errors(), get_client(sync_client=True) as client:
-                    limit = _ensure(client, name, size)
+                    if limit is None:
+                        limit = _ensure(client, name, size)
                     _recover_dead_holders(client, limit, records_dir)
-                    granted, retry_after = _try_increment(client, name, lease_seconds)
-                if granted is not None:
-                    _record(records_dir, name, *granted)
-                    return granted[0]
-                pause = min(retry_after, _FIRST_IN_LINE_POLL_SECONDS)
+                    answer = _try_increment(client, name, lease_seconds)
+                if answer.granted is not None:
+                    _record(records_dir, name, *answer.granted)
+                    return answer.granted[0]
+                if answer.busy:
+                    # Asked again soon, and without checking the limit again: it was checked
+                    # a moment ago, and each check is one more request to a busy server.
+                    pause, busy_pause = busy_pause, min(2 * busy_pause, _BUSY_RETRY_MAX_SECONDS)
+                else:
+                    limit, busy_pause = None, _BUSY_RETRY_SECONDS  # checked again next time
+                    pause = min(answer.retry_after, _FIRST_IN_LINE_POLL_SECONDS)
             remaining = _remaining(deadline)
             if remaining is not None:
                 if remaining <= 0:
@@ -273,10 +287,16 @@ def _acquire(
             line.refresh()
 
 
-def _try_increment(
-    client: SyncPrefectClient, name: str, lease_seconds: float
-) -> tuple[tuple[UUID, UUID] | None, float]:
-    """One acquisition attempt: ((lease id, limit id), 0) or (None, the server's Retry-After).
+class _Answer(NamedTuple):
+    """The server's answer to one acquisition attempt."""
+
+    granted: tuple[UUID, UUID] | None = None  # (lease id, limit id)
+    retry_after: float = 0.0  # taken: the server's Retry-After
+    busy: bool = False  # 503: the server's database was busy; ask again
+
+
+def _try_increment(client: SyncPrefectClient, name: str, lease_seconds: float) -> _Answer:
+    """One acquisition attempt: granted, taken (423) or busy (503).
 
     One request, never cancelled half-way (a cancelled grant would leak its slot), so that the
     caller keeps the deadline and looks for dead holders between attempts.
@@ -298,15 +318,15 @@ def _try_increment(
     response = httpx.Client.send(http, request)
     if response.status_code == 423:
         logger.debug("slot %s is taken", name)
-        return None, float(response.headers.get("Retry-After", 1.0))
+        return _Answer(retry_after=float(response.headers.get("Retry-After", 1.0)))
     if response.status_code == 503:
         logger.debug("slot %s: the server is busy (503)", name)
-        return None, _BUSY_RETRY_SECONDS
+        return _Answer(busy=True)
     response.raise_for_status()
     granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
     if not granted.limits:
         raise SlotError(f"the Prefect server holds no limit {name!r}; refusing to run unlimited")
-    return (granted.lease_id, granted.limits[0].id), 0.0
+    return _Answer(granted=(granted.lease_id, granted.limits[0].id))
 
 
 def _record(records_dir: Path, name: str, lease_id: UUID, limit_id: UUID) -> None:

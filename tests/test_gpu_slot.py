@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from prefect.client.orchestration import get_client
@@ -461,6 +462,36 @@ def test_hold_reports_wait_and_writes_a_record_while_held(use_prefect_server, tm
         assert hold.released_at is None
     assert hold.released_at is not None and hold.released_at >= hold.acquired_at
     assert list((tmp_path / name).glob("*.json")) == []
+    assert read_limit(name).active_slots == 0
+
+
+def test_a_busy_server_is_asked_again_soon_without_checking_the_limit_again(
+    use_prefect_server, monkeypatch, tmp_path
+):
+    name, requests = unique_name("busy"), []
+    ensure_slot_limit(name, 1)
+    real_send = httpx.Client.send
+
+    def busy_twice(client, request, **kwargs):
+        """The server's answer while its SQLite database is busy, to the first two tries."""
+        requests.append((request.method, request.url.path))
+        tries = sum(path.endswith("/increment-with-lease") for _, path in requests)
+        if request.url.path.endswith("/increment-with-lease") and tries <= 2:
+            return httpx.Response(503, request=request)
+        return real_send(client, request, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", busy_twice)
+    started = time.monotonic()
+    with gpu_slot(name, records_dir=tmp_path) as hold:
+        waited = time.monotonic() - started
+        active = read_limit(name).active_slots
+    monkeypatch.undo()
+
+    asked = [path.rsplit("/", 1)[-1] for _, path in requests]
+    asked = asked[: len(asked) - asked[::-1].index("increment-with-lease")]  # until granted
+    # The limit was checked once, before the first try; then three tries.
+    assert asked == [name, *["increment-with-lease"] * 3] and active == 1
+    assert hold.wait_seconds <= waited < 1.0  # 10 ms, then 20 ms, not a Retry-After
     assert read_limit(name).active_slots == 0
 
 
