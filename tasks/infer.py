@@ -45,6 +45,13 @@ def _take_off(loaded: models.LoadedModel, device: str) -> float:
     return seconds
 
 
+def _bring_in(loaded: models.LoadedModel, device: str, torch_threads: int | None) -> float:
+    """On the torch thread, holding the slot: torch's thread count, then the weights onto
+    `device`. Returns the seconds the move took."""
+    models.use_torch_threads(torch_threads)
+    return models.move_model(loaded, device)
+
+
 def _claim_pages(
     document_id: int, pages: list[int], settings: Settings, force: bool, run_id: str | None
 ):
@@ -80,9 +87,14 @@ def infer_batch(
         return {"ok": 0, "failed": 0}
     device = gpu.resolve_device(settings.device)
     dtype = models.resolve_dtype(settings.dtype, device)
-    # Torch work happens on the process's torch thread (see vramflow.torch_thread).
-    loaded = torch_thread.run(models.load_model, settings.model, settings.model_cache_dir, dtype)
-    torch_thread.run(models.use_torch_threads, settings.torch_threads)
+    # Torch work happens on the process's torch thread (see vramflow.torch_thread), which the
+    # holder of the slot keeps busy. A loaded model is taken without it, so that this batch
+    # gets in line at the slot while the holder generates: a batch that reached the slot only
+    # after the holder left found the slot gone back to the server (a round trip, and on a GPU
+    # the weights moved off and on again).
+    loaded = models.cached_model(settings.model, dtype) or torch_thread.run(
+        models.load_model, settings.model, settings.model_cache_dir, dtype
+    )
     cfg = GenerationSettings(
         settings.prompt,
         device,
@@ -133,7 +145,7 @@ def infer_batch(
                 wait_seconds=hold.wait_seconds,
                 acquired_at=hold.acquired_at,
             )
-        move_in = torch_thread.run(models.move_model, loaded, device)
+        move_in = torch_thread.run(_bring_in, loaded, device, settings.torch_threads)
         try:
             outcome = run_batch(
                 loaded,

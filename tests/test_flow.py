@@ -277,6 +277,7 @@ def test_every_torch_call_of_the_flow_runs_on_one_thread(env, tiny_model_dir, mo
 
         return call
 
+    monkeypatch.setattr(models, "_cache", {})  # loaded by this flow, not by an earlier test
     monkeypatch.setattr(models, "load_model", recorded("load", models.load_model))
     monkeypatch.setattr(models, "move_model", recorded("move", models.move_model))
     monkeypatch.setattr(inference, "generate_batch", recorded("generate", models.generate_batch))
@@ -285,6 +286,38 @@ def test_every_torch_call_of_the_flow_runs_on_one_thread(env, tiny_model_dir, mo
     used = set().union(*threads.values())
     assert all(threads.values()) and len(used) == 1
     assert used != {threading.get_ident()}
+
+
+def test_the_next_batch_waits_at_the_slot_while_one_generates(env, tiny_model_dir, monkeypatch):
+    """A hand-off needs the next batch in line before the holder leaves. Batches that waited
+    for the torch thread (busy generating) got there after the slot had gone back."""
+    from tasks import gpu_slot as gpu_slot_module
+    from vramflow import inference
+
+    generate, acquire = inference.generate_batch, gpu_slot_module._acquire
+    in_line_seen, from_server = [], []
+
+    def waiting_at_the_slot() -> int:
+        return sum(gate.waiting for gate in gpu_slot_module._gates.values())
+
+    def generate_after_a_look(*args, **kwargs):
+        if len(in_line_seen) < 3:  # 4 pages one by one: the first three have one behind
+            deadline = time.monotonic() + 10
+            while not waiting_at_the_slot() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            in_line_seen.append(waiting_at_the_slot() > 0)
+        return generate(*args, **kwargs)
+
+    def counted_acquire(*args, **kwargs):
+        from_server.append(args[0])
+        return acquire(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "generate_batch", generate_after_a_look)
+    monkeypatch.setattr(gpu_slot_module, "_acquire", counted_acquire)
+    summary = run(tiny_model_dir, batch_size=1, pages="1-4")
+    assert summary["pages_ok"] == 4
+    assert in_line_seen == [True, True, True]
+    assert len(from_server) == 1  # the later batches had the slot handed over
 
 
 def test_the_flow_loads_the_weights_in_the_configured_dtype(env, tiny_model_dir, monkeypatch):
@@ -299,6 +332,7 @@ def test_the_flow_loads_the_weights_in_the_configured_dtype(env, tiny_model_dir,
         asked.append(dtype)
         return load(spec, cache_dir, dtype)
 
+    monkeypatch.setattr(models, "_cache", {})  # loaded by this flow, not by an earlier test
     monkeypatch.setattr(models, "load_model", recorded_load)
     monkeypatch.setenv("VRAMFLOW_DTYPE", "bfloat16")
     summary = run(tiny_model_dir, pages="1-2")

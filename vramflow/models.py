@@ -116,6 +116,12 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cached_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel | None:
+    """The model `load_model` has already loaded in this process, if any; safe from any thread."""
+    with _cache_lock:
+        return _cache.get((spec, dtype))
+
+
 def load_model(spec: str, cache_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load (once per process and dtype) a causal LM and its tokenizer on the CPU."""
     with _cache_lock:
