@@ -140,8 +140,9 @@ async def _process_document(
         if future.state.is_failed():
             logger.error("pages %s failed: %s", batch, future.state.message)
         await report.advance(len(batch))
-    summary, sha = await asyncio.to_thread(
-        finish_document, settings, key, path, len(already), flow_run.id
+    (summary, sha), _ = await asyncio.gather(
+        asyncio.to_thread(finish_document, settings, key, path, len(already), flow_run.id),
+        report.close(),
     )
     await publish_summary(summary, sha)
     logger.info(

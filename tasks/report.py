@@ -6,6 +6,7 @@ return coroutines, so the flow awaits the async forms directly.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +19,11 @@ from prefect.artifacts import (
 
 from vramflow import progress
 
+# The artifact is updated at most this often (and once at the end). An update is a request to
+# the Prefect API taking 10-80 ms in the flow's loop, which refills the batches in flight: with
+# batches faster than that, an update per batch would leave the GPU waiting for work.
+UPDATE_EVERY_SECONDS = 1.0
+
 
 class ProgressReport:
     """A progress artifact for one document, also published to in-process listeners."""
@@ -25,6 +31,7 @@ class ProgressReport:
     def __init__(self, document: str, planned: int, artifact_id: UUID) -> None:
         self.document, self.planned, self.finished = document, planned, 0
         self.artifact_id = artifact_id
+        self._shown, self._shown_at = 0, time.monotonic()
 
     @classmethod
     async def start(cls, document: str, planned: int) -> ProgressReport:
@@ -36,10 +43,21 @@ class ProgressReport:
         return cls(document, planned, artifact_id)
 
     async def advance(self, pages: int) -> None:
+        """Count `pages` as finished; the artifact shows it if its last update is old enough."""
         self.finished += pages
-        share = 100.0 * self.finished / self.planned if self.planned else 100.0
-        await aupdate_progress_artifact(self.artifact_id, progress=share)
         progress.publish(self.document, self.finished, self.planned)
+        if time.monotonic() - self._shown_at >= UPDATE_EVERY_SECONDS:
+            await self._show()
+
+    async def close(self) -> None:
+        """Bring the artifact up to date, if it is not."""
+        if self._shown != self.finished or not self.planned:
+            await self._show()
+
+    async def _show(self) -> None:
+        share = 100.0 * self.finished / self.planned if self.planned else 100.0
+        self._shown, self._shown_at = self.finished, time.monotonic()
+        await aupdate_progress_artifact(self.artifact_id, progress=share)
 
 
 def _mib(value: int | None) -> str:

@@ -320,6 +320,27 @@ def test_the_next_batch_waits_at_the_slot_while_one_generates(env, tiny_model_di
     assert len(from_server) == 1  # the later batches had the slot handed over
 
 
+@pytest.mark.parametrize(("every_seconds", "shown"), [(0, 6), (3600, 1)])
+def test_the_progress_artifact_is_updated_at_most_every_so_often_and_at_the_end(
+    env, tiny_model_dir, monkeypatch, every_seconds, shown
+):
+    from tasks import report
+
+    updates: list[float] = []
+    update = report.aupdate_progress_artifact
+
+    async def recorded(artifact_id, progress):
+        updates.append(progress)
+        return await update(artifact_id, progress=progress)
+
+    monkeypatch.setattr(report, "UPDATE_EVERY_SECONDS", every_seconds)
+    monkeypatch.setattr(report, "aupdate_progress_artifact", recorded)
+    summary = run(tiny_model_dir, batch_size=1)
+    assert summary["pages_ok"] == 6
+    assert len(updates) == shown and updates[-1] == 100.0
+    assert updates == sorted(updates)
+
+
 def test_the_flow_loads_the_weights_in_the_configured_dtype(env, tiny_model_dir, monkeypatch):
     import torch
 
