@@ -14,6 +14,7 @@ Prefect cancels it, and whoever takes the lease next is refused it.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Iterator
@@ -52,8 +53,10 @@ class LeaseKeeper:
         self._holder: WatcherThreadCancelScope | None = None
         self.failure: BaseException | None = None
         self.renewals = 0
+        # The renewals reach the API the acquiring thread reached, through its settings context.
+        context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=self._run, name=f"slot-lease-{lease_id}", daemon=True
+            target=context.run, args=(self._run,), name=f"slot-lease-{lease_id}", daemon=True
         )
 
     def start(self) -> None:

@@ -133,3 +133,18 @@ def test_a_holder_whose_lease_is_revoked_stops_and_the_next_gets_a_new_lease(
     assert outcome == ["cancelled"]
     assert not next_hold.handed_over and next_hold.lease_id != taken[0].lease_id
     assert active == 1 and active_slots(name) == 0
+
+
+def test_renewals_reach_the_api_the_lease_came_from(prefect_server):
+    """A settings context (not the environment) names the server, as in a flow run."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        name = unique_name("context")
+        lease = take_lease(name)
+        keeper = LeaseKeeper(lease.lease_id, 60, every_seconds=QUICK)
+        keeper.start()
+        wait_until(lambda: keeper.renewals >= 2 or keeper.lost)
+        keeper.stop()
+        release_concurrency_slots_with_lease(lease.lease_id)
+    assert not keeper.lost
