@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -118,28 +117,37 @@ async def _process_document(
     )
     batches = (todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size))
 
-    def submit(batch: list[int]) -> tuple[list[int], PrefectFuture]:
+    in_flight: dict[asyncio.Future, tuple[list[int], PrefectFuture]] = {}
+
+    def submit(batch: list[int]) -> None:
         """The batch's page extractions, and its inference once they are done."""
         extracts = [
             extract_page.submit(document_id, path, n, password, settings, budget)
             for n in batch
             if n not in extracted
         ]
-        return batch, infer.submit(document_id, batch, settings, force, wait_for=extracts)
+        future = infer.submit(document_id, batch, settings, force, wait_for=extracts)
+        in_flight[asyncio.ensure_future(asyncio.to_thread(future.wait))] = (batch, future)
 
     # A few batches in flight: while one holds the slot the next waits at it, extracted, and
     # the one after is being extracted. With every page submitted at once, the first slot
     # request waited out the server's writes of all those task runs (16 pages at batch size 1
     # on SQLite: 0.36-0.66 s against 0.22 s), and a long document held a future per page.
-    in_flight = deque(submit(batch) for batch in islice(batches, BATCHES_IN_FLIGHT))
+    # Whichever batch finishes is replaced at once: the slot takes batches in the order they
+    # reach it, not the order they were submitted, and waiting for the oldest left the slot
+    # with no batch waiting, so it went back to the server.
+    for batch in islice(batches, BATCHES_IN_FLIGHT):
+        submit(batch)
     while in_flight:
-        batch, future = in_flight.popleft()
-        await asyncio.to_thread(future.wait)
-        if (following := next(batches, None)) is not None:
-            in_flight.append(submit(following))
-        if future.state.is_failed():
-            logger.error("pages %s failed: %s", batch, future.state.message)
-        await report.advance(len(batch))
+        done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        for waited in done:
+            batch, future = in_flight.pop(waited)
+            waited.result()  # raises what waiting raised (a suspended flow run)
+            if (following := next(batches, None)) is not None:
+                submit(following)
+            if future.state.is_failed():
+                logger.error("pages %s failed: %s", batch, future.state.message)
+            await report.advance(len(batch))
     (summary, sha), _ = await asyncio.gather(
         asyncio.to_thread(finish_document, settings, key, path, len(already), flow_run.id),
         report.close(),

@@ -166,7 +166,7 @@ def test_pages_without_text_skip_inference(env, tiny_model_dir, tmp_path):
 
 def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_dir, monkeypatch):
     """A document keeps BATCHES_IN_FLIGHT batches submitted, not every page from the start:
-    at batch size 1, page 4 is extracted only after page 1's model call is over."""
+    at batch size 1, page 4 is extracted only after one model call is over."""
     from flows.process_pdf import BATCHES_IN_FLIGHT
     from tasks import infer
     from vramflow import pdf
@@ -188,8 +188,38 @@ def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_di
     monkeypatch.setattr(infer, "run_batch", recording_model)
     summary = run(tiny_model_dir, batch_size=1)
     assert summary["pages_ok"] == 6 and BATCHES_IN_FLIGHT < 6
+    finished = sorted(inferred.values())
     for page in range(BATCHES_IN_FLIGHT + 1, 7):
-        assert extracted[page] > inferred[page - BATCHES_IN_FLIGHT], page
+        assert extracted[page] > finished[page - BATCHES_IN_FLIGHT - 1], page
+
+
+def test_a_batch_that_finishes_first_is_replaced_at_once(env, tiny_model_dir, monkeypatch):
+    """Page 1's extraction holds until page 4 has been through the model: only possible if
+    the flow submits page 4 when page 2 or 3 is done, not when the oldest batch is."""
+    import threading
+
+    from tasks import infer
+    from vramflow import pdf
+
+    page_4_inferred = threading.Event()
+    extract, model_call, held_back = pdf.extract_page, infer.run_batch, []
+
+    def extract_page_1_last(path, page_number, *args, **kwargs):
+        if page_number == 1:
+            held_back.append(page_4_inferred.wait(timeout=30))
+        return extract(path, page_number, *args, **kwargs)
+
+    def noting_page_4(loaded, inputs, *args, **kwargs):
+        outcome = model_call(loaded, inputs, *args, **kwargs)
+        if any(page.page_number == 4 for page in inputs):
+            page_4_inferred.set()
+        return outcome
+
+    monkeypatch.setattr(pdf, "extract_page", extract_page_1_last)
+    monkeypatch.setattr(infer, "run_batch", noting_page_4)
+    summary = run(tiny_model_dir, batch_size=1)
+    assert summary["pages_ok"] == 6
+    assert held_back == [True]
 
 
 def test_pages_waiting_for_the_model_keep_their_extraction_time(env, tiny_model_dir, monkeypatch):
