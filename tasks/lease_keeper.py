@@ -25,6 +25,8 @@ import httpx
 from prefect._internal.concurrency.cancellation import WatcherThreadCancelScope
 from prefect.client.orchestration import get_client
 
+from vramflow.errors import SlotError
+
 logger = logging.getLogger(__name__)
 
 # Renew when this fraction of the lease has passed (Prefect's own choice).
@@ -34,7 +36,7 @@ _RENEWAL_ATTEMPTS = 3
 _RENEWAL_RETRY_SECONDS = 1.0
 
 
-class LeaseLost(Exception):
+class LeaseLost(SlotError):
     """The lease could not be renewed; the server may give its slot to someone else."""
 
 
@@ -60,7 +62,11 @@ class LeaseKeeper:
         )
 
     def start(self) -> None:
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException as exc:  # not renewed: never to be handed over as if it were
+            self.failure = exc
+            raise
 
     @property
     def lost(self) -> bool:

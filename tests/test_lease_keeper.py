@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 from prefect._internal.concurrency.cancellation import CancelledError
@@ -45,12 +46,17 @@ def active_slots(name: str) -> int:
         return client.read_global_concurrency_limit_by_name(name).active_slots
 
 
-def hold_until_cancelled(keeper: LeaseKeeper, outcome: list[str]) -> threading.Thread:
-    """A holder that works in small steps until something stops it (at most 30 s)."""
+def hold_until_cancelled(
+    hold: Callable[[], AbstractContextManager], outcome: list[str], held: list | None = None
+) -> threading.Thread:
+    """A thread that enters `hold()`, notes what it yields in `held`, and works in small steps
+    until something stops it (at most 30 s); `outcome` says which."""
 
     def run() -> None:
         try:
-            with keeper.holding():
+            with hold() as value:
+                if held is not None:
+                    held.append(value)
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -85,7 +91,7 @@ def test_a_revoked_lease_cancels_its_holder_and_refuses_the_next(use_prefect_ser
     keeper = LeaseKeeper(lease.lease_id, 60, every_seconds=QUICK)
     keeper.start()
     outcome: list[str] = []
-    holder = hold_until_cancelled(keeper, outcome)
+    holder = hold_until_cancelled(keeper.holding, outcome)
     wait_until(lambda: keeper.renewals >= 1)
 
     release_concurrency_slots_with_lease(lease.lease_id)  # the server no longer knows it
@@ -102,23 +108,14 @@ def test_a_holder_whose_lease_is_revoked_stops_and_the_next_gets_a_new_lease(
     monkeypatch.setattr(lease_keeper, "RENEWAL_FRACTION", QUICK / 60)
     name, taken, outcome, seen = unique_name("revoked-held"), [], [], []
 
-    def first() -> None:
-        try:
-            with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30) as hold:
-                taken.append(hold)
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    time.sleep(0.01)
-            outcome.append("ran out of time")
-        except CancelledError:
-            outcome.append("cancelled")
+    def slot() -> AbstractContextManager:
+        return gpu_slot(name, records_dir=tmp_path, handoff_seconds=30)
 
     def second() -> None:
-        with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30) as hold:
+        with slot() as hold:
             seen.append((hold, active_slots(name)))
 
-    holder = threading.Thread(target=contextvars.copy_context().run, args=(first,))
-    holder.start()
+    holder = hold_until_cancelled(slot, outcome, taken)
     wait_until(lambda: bool(taken))
     waiter = threading.Thread(target=contextvars.copy_context().run, args=(second,))
     waiter.start()
