@@ -111,7 +111,8 @@ async def _process_document(
             len(already),
             len(numbers),
         )
-    report = await ProgressReport.start(Path(path).name, len(todo))
+    # The progress artifact is created while the first batches are extracted, not before.
+    starting_report = asyncio.ensure_future(ProgressReport.start(Path(path).name, len(todo)))
     infer = infer_batch.with_options(
         retries=settings.oom_retries, retry_delay_seconds=settings.oom_retry_delay_seconds
     )
@@ -138,6 +139,7 @@ async def _process_document(
     # with no batch waiting, so it went back to the server.
     for batch in islice(batches, BATCHES_IN_FLIGHT):
         submit(batch)
+    report = await starting_report
     while in_flight:
         done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
         for waited in done:
