@@ -64,9 +64,10 @@ _FIRST_IN_LINE_POLL_SECONDS = 0.25
 _IN_LINE_POLL_SECONDS = 0.1
 _ENSURE_ATTEMPTS = 4
 # Pauses before asking again when the server answered 503 (its SQLite database was busy,
-# usually with a burst of task-run writes): the first, and the cap as it doubles.
+# usually writing the burst of task runs a document starts with, which lasted up to 0.9 s):
+# the first, and the cap as it doubles, so that the slot is taken soon after the burst.
 _BUSY_RETRY_SECONDS = 0.01
-_BUSY_RETRY_MAX_SECONDS = 0.2
+_BUSY_RETRY_MAX_SECONDS = 0.05
 
 
 @dataclass
