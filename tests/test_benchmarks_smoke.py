@@ -92,3 +92,15 @@ def test_paired_runs_compare_each_flow_run_with_the_loop_runs_around_it(
     assert abs(row["ratio"] - row["flow_pages_per_s"] / loop_rate) < 1e-9
     assert row["model_time_ratio"] > 0
     assert 0 < row["flow_overhead_ms_per_page"] < row["flow_non_model_ms_per_page"]
+
+
+def test_handoff_timeline_reports_each_gap_between_model_calls(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    options = ["--pages", "3", "--max-new-tokens", "2"]
+    summary, _ = run_json("handoffs.py", options, tiny_model_dir, tmp_path)
+
+    assert summary["calls"] == 3 and len(summary["gaps_ms"]) == 2
+    assert all(gap >= 0 for gap in summary["gaps_ms"])
+    assert summary["acquired_from_server"] >= 1
+    assert 0 < summary["before_first_call_seconds"] < summary["wall_seconds"]
