@@ -46,6 +46,7 @@ from tests.support.servers import (
     stop_process_group,
     tail,
 )
+from tests.support.slots import read_limit, unique_name, wait_until
 from vramflow import slot_records
 from vramflow.errors import SlotError
 
@@ -56,15 +57,6 @@ Interval = tuple[int, float, float]  # (pid, start, end)
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def unique_name(label: str) -> str:
-    return f"vramflow-test-{label}-{uuid.uuid4().hex[:8]}"
-
-
-def read_limit(name: str):
-    with get_client(sync_client=True) as client:
-        return client.read_global_concurrency_limit_by_name(name)
 
 
 def find_overlaps(intervals: list[Interval]) -> list[tuple[Interval, Interval]]:
@@ -260,13 +252,6 @@ def test_concurrent_setup_of_a_new_limit_all_succeed(use_prefect_server):
 
 
 # --- hand-off inside one process ---------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def waiting_threads(name: str) -> int:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import pytest
 from prefect._internal.concurrency.cancellation import CancelledError
-from prefect.client.orchestration import get_client
 from prefect.concurrency._sync import (
     acquire_concurrency_slots_with_lease,
     release_concurrency_slots_with_lease,
@@ -21,29 +19,14 @@ from tasks import gpu_slot as gpu_slot_module
 from tasks import lease_keeper
 from tasks.gpu_slot import ensure_slot_limit, gpu_slot
 from tasks.lease_keeper import LeaseKeeper, LeaseLost
+from tests.support.slots import read_limit, unique_name, wait_until
 
 QUICK = 0.05  # seconds between renewals in these tests (in use: 45 s of a 60 s lease)
-
-
-def unique_name(label: str) -> str:
-    return f"vramflow-test-{label}-{uuid.uuid4().hex[:8]}"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def take_lease(name: str):
     ensure_slot_limit(name, 1)
     return acquire_concurrency_slots_with_lease([name], 1, lease_duration=60, strict=True)
-
-
-def active_slots(name: str) -> int:
-    with get_client(sync_client=True) as client:
-        return client.read_global_concurrency_limit_by_name(name).active_slots
 
 
 def hold_until_cancelled(
@@ -82,7 +65,7 @@ def test_the_keeper_renews_on_a_timer_until_stopped(use_prefect_server):
     assert not keeper.lost and not keeper._thread.is_alive()
     assert keeper.renewals <= renewals + 1  # at most the one in flight when it was stopped
     release_concurrency_slots_with_lease(lease.lease_id)
-    assert active_slots(name) == 0
+    assert read_limit(name).active_slots == 0
 
 
 def test_a_revoked_lease_cancels_its_holder_and_refuses_the_next(use_prefect_server):
@@ -113,7 +96,7 @@ def test_a_holder_whose_lease_is_revoked_stops_and_the_next_gets_a_new_lease(
 
     def second() -> None:
         with slot() as hold:
-            seen.append((hold, active_slots(name)))
+            seen.append((hold, read_limit(name).active_slots))
 
     holder = hold_until_cancelled(slot, outcome, taken)
     wait_until(lambda: bool(taken))
@@ -129,7 +112,7 @@ def test_a_holder_whose_lease_is_revoked_stops_and_the_next_gets_a_new_lease(
     [(next_hold, active)] = seen
     assert outcome == ["cancelled"]
     assert not next_hold.handed_over and next_hold.lease_id != taken[0].lease_id
-    assert active == 1 and active_slots(name) == 0
+    assert active == 1 and read_limit(name).active_slots == 0
 
 
 def test_renewals_reach_the_api_the_lease_came_from(prefect_server):
