@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks.gpu_slot import Resident, gpu_slot
+from tasks.gpu_slot import Resident, SlotHold, gpu_slot
 from tasks.recording import store_call
 from vramflow import gpu, models, torch_thread
 from vramflow.config import Settings
@@ -20,6 +21,9 @@ from vramflow.errors import InferenceOOMError
 from vramflow.faults import injector_for
 from vramflow.inference import GenerationSettings, PageInput, batch_limit, run_batch
 from vramflow.runs import generation_settings_json, key_parts
+
+# Stores model answers for the inference tasks of this process, in the order they come.
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramflow-answers")
 
 
 def retry_only_oom(task, task_run, state) -> bool:
@@ -71,6 +75,24 @@ def _claim_pages(
     return inputs, ids
 
 
+def _record_hold(
+    url: str, hold: SlotHold, hold_id: str, device: str, run_id: str | None, pages: int
+) -> None:
+    with session_scope(url) as session:
+        queries.record_hold(
+            session,
+            hold_id=hold_id,
+            slot_name=hold.name,
+            device=device,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            flow_run_id=run_id,
+            pages=pages,
+            wait_seconds=hold.wait_seconds,
+            acquired_at=hold.acquired_at,
+        )
+
+
 @task(
     name="infer-batch",
     cache_policy=NO_CACHE,
@@ -105,9 +127,16 @@ def infer_batch(
     name, hold_id = gpu.slot_name(settings.slot_name_template, device), str(uuid.uuid4())
     url = settings.resolved_database_url
 
-    def on_call(record) -> None:
+    writes: list[Future] = []
+
+    def store(record) -> None:
         with session_scope(url) as session:
             store_call(session, record, result_ids, hold_id, hold.wait_seconds, run_id)
+
+    def on_call(record) -> None:
+        # Written at once but not by this thread, which has the slot to hand over: the next
+        # batch generates while the answers are stored (a commit is 3-5 ms of each hand-off).
+        writes.append(_writer.submit(store, record))
         if record.outcome != "ok":
             logger.warning("pages %s: %s: %s", record.pages, record.outcome, record.error_message)
 
@@ -131,33 +160,26 @@ def infer_batch(
     )
     # The model lock keeps one thread of this process using (and moving) the shared weights;
     # taken after the slot, so that the next batch waits at the slot, where it can be handed over.
-    with slot as hold, loaded.lock:
-        with session_scope(url) as session:
-            queries.record_hold(
-                session,
-                hold_id=hold_id,
-                slot_name=name,
-                device=device,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                flow_run_id=run_id,
-                pages=len(inputs),
-                wait_seconds=hold.wait_seconds,
-                acquired_at=hold.acquired_at,
-            )
-        move_in = torch_thread.run(_bring_in, loaded, device, settings.torch_threads)
-        try:
-            outcome = run_batch(
-                loaded,
-                inputs,
-                cfg,
-                injector=injector_for(settings.inject_oom),
-                on_call=on_call,
-                limit=batch_limit(settings.model, device),
-            )
-        finally:
-            if resident is None:
-                moved_out.append(_take_off(loaded, device))
+    try:
+        with slot as hold, loaded.lock:
+            _record_hold(url, hold, hold_id, device, run_id, len(inputs))
+            move_in = torch_thread.run(_bring_in, loaded, device, settings.torch_threads)
+            try:
+                outcome = run_batch(
+                    loaded,
+                    inputs,
+                    cfg,
+                    injector=injector_for(settings.inject_oom),
+                    on_call=on_call,
+                    limit=batch_limit(settings.model, device),
+                )
+            finally:
+                if resident is None:
+                    moved_out.append(_take_off(loaded, device))
+    finally:
+        for write in writes:  # raises what a write raised
+            write.result()
+
     # One line per batch: every log line is a request to the Prefect API and a database write.
     logger.info(
         "pages %s: %d ok, %d failed (slot %s %s after waiting %.2f s)",

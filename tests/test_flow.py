@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -348,6 +349,35 @@ def test_the_next_batch_waits_at_the_slot_while_one_generates(env, tiny_model_di
     assert summary["pages_ok"] == 4
     assert in_line_seen == [True, True, True]
     assert len(from_server) == 1  # the later batches had the slot handed over
+
+
+def test_the_slot_passes_on_while_the_answers_are_stored(env, tiny_model_dir, monkeypatch):
+    """A holder that wrote its answers itself kept the slot for that commit, 3-5 ms of every
+    hand-off. The first batch's answers are held back here until the second batch generates."""
+    from tasks import infer
+    from vramflow import inference
+
+    generate, store = inference.generate_batch, infer.store_call
+    second_generates, stored_after_it = threading.Event(), []
+
+    def generate_counted(*args, **kwargs):
+        if generate_counted.calls == 1:
+            second_generates.set()
+        generate_counted.calls += 1
+        return generate(*args, **kwargs)
+
+    def store_held_back(*args, **kwargs):
+        if not stored_after_it:
+            stored_after_it.append(second_generates.wait(timeout=20))
+        return store(*args, **kwargs)
+
+    generate_counted.calls = 0
+    monkeypatch.setattr(inference, "generate_batch", generate_counted)
+    monkeypatch.setattr(infer, "store_call", store_held_back)
+    summary = run(tiny_model_dir, batch_size=1, pages="1-2")
+    assert summary["pages_ok"] == 2
+    assert stored_after_it == [True]
+    assert attempts_of(env, 1) == [("ok", 1)]
 
 
 @pytest.mark.parametrize(("every_seconds", "shown"), [(0, 6), (3600, 1)])
