@@ -150,11 +150,16 @@ async def _process_document(
             if future.state.is_failed():
                 logger.error("pages %s failed: %s", batch, future.state.message)
             await report.advance(len(batch))
-    (summary, sha), _ = await asyncio.gather(
-        asyncio.to_thread(finish_document, settings, key, path, len(already), flow_run.id),
-        report.close(),
-    )
-    await publish_summary(summary, sha)
+
+    async def summarize() -> dict[str, Any]:
+        summary, sha = await asyncio.to_thread(
+            finish_document, settings, key, path, len(already), flow_run.id
+        )
+        await publish_summary(summary, sha)
+        return summary
+
+    # The last progress update goes out while the summary is made and published.
+    summary, _ = await asyncio.gather(summarize(), report.close())
     logger.info(
         "%s: %s (%d ok, %d failed, %d without text)",
         summary["file"],
