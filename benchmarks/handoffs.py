@@ -158,6 +158,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Event], float]:
     from vramflow import gpu, models, torch_thread
+    from vramflow.pdf import start_workers
 
     os.environ.update(
         VRAMFLOW_HOME=str(work / "vramflow"),
@@ -185,6 +186,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[
         def run(path: Path) -> dict[str, Any]:
             return asyncio.run(process_pdf(str(path), **options))
 
+        start_workers()  # the process's, like the model: see variants.run_flow
         run(warmup_pdf(work))
         recorder.clear()
         started = time.perf_counter()

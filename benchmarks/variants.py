@@ -9,10 +9,11 @@ VARIANT is `sequential` (pypdf + one generate call per page, no Prefect), `naive
 `sweep_inbox` flow over the folder FILE, `--documents-at-once` documents side by side).
 `sequential` and `naive_async` read every PDF of the folder in name order when FILE is one.
 
-The model is loaded and every variant warmed up on a one-page document before the clock starts;
-each `generate` call is counted by a wrapper on the model instance, and the page work (pypdf
-extraction, in this process for the loops and through the PDF worker processes for the flow, and
-`generate_batch`: prompt, tokens, generate, decode) by wrappers on those functions.
+The model is loaded, the flow's PDF worker processes are started and every variant is warmed up
+on a one-page document before the clock starts; each `generate` call is counted by a wrapper on
+the model instance, and the page work (pypdf extraction, in this process for the loops and
+through the PDF worker processes for the flow, and `generate_batch`: prompt, tokens, generate,
+decode) by wrappers on those functions.
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dic
     document, or `sweep_inbox` over the folder of documents)."""
     from flows.process_pdf import process_pdf
     from flows.sweep_inbox import sweep_inbox
+    from vramflow import pdf
     from vramflow.config import Settings
 
     common = {
@@ -224,6 +226,9 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dic
         "batch_size": args.batch_size,
     }
     _log_retries()
+    # Like loading the model, starting the PDF worker processes is the process's, not the
+    # document's: the warm-up's one page would start only one of them.
+    pdf.start_workers()
     asyncio.run(process_pdf(str(warmup_pdf(args.home)), **common))
     meter.reset()
     PAGE_WORK.reset()

@@ -306,6 +306,22 @@ def test_many_threads_share_the_workers() -> None:
     assert len(pdf.worker_stats()) <= pdf.default_workers()
 
 
+def test_start_workers_starts_every_worker_and_keeps_a_running_one(tmp_path: Path) -> None:
+    pdf.configure_workers(2)  # a fresh pool, no worker running
+    try:
+        assert pdf.worker_stats() == []
+        path = _write_pdf(tmp_path / "doc.pdf", ["first", "second"])
+        assert pdf.extract_page(path, 1, timeout_s=PAGE_TIMEOUT_S).status == "ok"
+        [running] = pdf.worker_stats()
+        pdf.start_workers()
+        stats = pdf.worker_stats()
+        assert len(stats) == 2 and running["pid"] in {s["pid"] for s in stats}
+        pages = [pdf.extract_page(path, n, timeout_s=PAGE_TIMEOUT_S) for n in (1, 2)]
+        assert [page.text.strip() for page in pages] == ["first", "second"]
+    finally:
+        pdf.configure_workers(None)
+
+
 def test_symlink_resolves_to_the_file(tmp_path: Path) -> None:
     path = _write_pdf(tmp_path / "doc.pdf", ["linked"])
     link = tmp_path / "link.pdf"

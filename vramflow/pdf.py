@@ -95,6 +95,11 @@ def worker_stats() -> list[dict[str, Any]]:
     return _get_pool().stats()
 
 
+def start_workers() -> None:
+    """Start the worker processes now rather than when pages first need them."""
+    _get_pool().start()
+
+
 def _get_pool() -> WorkerPool:
     global _pool, _atexit_registered
     with _pool_lock:
