@@ -1,8 +1,9 @@
 """Prefect's temporary local server, started once and shared by the benchmark's flow processes.
 
 It is the same server a flow starts for itself when no `PREFECT_API_URL` is set (uvicorn
-serving `prefect.server.api.server:create_app` on a SQLite file under `PREFECT_HOME`), started
-here so that its start-up is paid once, before any clock runs, and its logs go to a file.
+serving `prefect.server.api.server:create_app` on a SQLite file under `PREFECT_HOME`), with the
+settings vramflow's CLI gives that server, started here so that its start-up is paid once,
+before any clock runs, and its logs go to a file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from vramflow.config import PREFECT_SERVER_DEFAULTS
+
 STARTUP_TIMEOUT_S = 180.0
 
 
@@ -28,7 +31,9 @@ def _free_port() -> int:
 
 
 def server_env(prefect_home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    """The environment of a server set up as vramflow's CLI sets up its temporary one."""
+    env = {**PREFECT_SERVER_DEFAULTS, **os.environ}
+    env.pop("PREFECT_API_URL", None)
     env.update(
         PREFECT_HOME=str(prefect_home),
         PREFECT_UI_ENABLED="0",

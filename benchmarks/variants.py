@@ -36,6 +36,8 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from meter import CallMeter, Intervals, cpu_stall_us, device_name, peak_rss_bytes  # noqa: E402
 from pages import DEMO_PAGES, warmup_pdf  # noqa: E402
 
+from vramflow.config import PREFECT_SERVER_DEFAULTS  # noqa: E402
+
 VARIANTS = ("sequential", "naive_async", "flow", "sweep")
 # The work every variant does per page; wall time outside it is what the orchestration costs.
 PAGE_WORK = Intervals()
@@ -105,6 +107,8 @@ def _isolate(args: argparse.Namespace) -> None:
     os.environ["VRAMFLOW_MAX_INPUT_TOKENS"] = str(args.max_input_tokens)
     os.environ["PREFECT_HOME"] = str(args.home / "prefect")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    for name, value in PREFECT_SERVER_DEFAULTS.items():  # for a temporary server, as the CLI
+        os.environ.setdefault(name, value)
     if args.prefect_api_url:
         os.environ["PREFECT_API_URL"] = args.prefect_api_url
     else:

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings
+from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, PREFECT_SERVER_DEFAULTS, Settings
 from vramflow.errors import VramflowError
 
 app = typer.Typer(
@@ -29,18 +29,6 @@ app.add_typer(db_app, name="db")
 # Piped output (CI logs, files) would otherwise wrap every table at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
-
-# Server settings vramflow relies on; they reach Prefect's temporary local server, which
-# inherits this environment. A real server needs them set where it runs (see README).
-PREFECT_SERVER_DEFAULTS = {
-    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
-        "prefect.server.concurrency.lease_storage.filesystem"
-    ),
-    "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # The temporary server can take longer than Prefect's 20 s default to start on a busy host.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
 
 
 def _prepare_prefect(verbose: bool) -> None:

@@ -15,6 +15,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Summarise this page in two sentences."
 
+# Server settings vramflow relies on. The CLI sets them for Prefect's temporary local server,
+# which inherits its environment; a real server needs them where it runs (see the README).
+PREFECT_SERVER_DEFAULTS = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    ),
+    "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+    # Task-run states written in batches, not one transaction per state: on SQLite each write
+    # that lands between a slot request's read and its write makes the server answer 503, and
+    # a document's first slot request met 1-4 of them (0.1-0.3 s) while the server wrote the
+    # states of the task runs the document had just started. The UI shows states up to 1 s late.
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server can take longer than Prefect's 20 s default to start on a busy host.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
 
 class Settings(BaseSettings):
     """vramflow's configuration; every field can be set as `VRAMFLOW_<FIELD>`."""

@@ -18,17 +18,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from vramflow.config import PREFECT_SERVER_DEFAULTS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# A dedicated server's settings: leases on disk (they survive a restart), short hand-off waits.
-SERVER_SETTINGS = {
-    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
-        "prefect.server.concurrency.lease_storage.filesystem"
-    ),
-    "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_UI_ENABLED": "false",
-}
+# A dedicated server's settings: those the README asks for (leases on disk, short hand-off
+# waits, task-run states in batches), without the UI.
+SERVER_SETTINGS = {**PREFECT_SERVER_DEFAULTS, "PREFECT_UI_ENABLED": "false"}
 
 
 @dataclass
