@@ -10,12 +10,12 @@ Variants (each in a fresh interpreter, so peak RSS is its own):
   flow_batch1  vramflow's `process_pdf` flow with batch size 1
   flow_best    the flow at the fastest of `--batch-sizes`
 
-Model loading and a one-page warm-up run are left out of every timing. Orchestration overhead is
-wall time minus the time the page work ran (pypdf extraction, in the process or through the
-flow's PDF workers, and vramflow's `generate_batch`: prompt, tokens, generate, decode), per
-page; non-model time is wall time minus the time the model's `generate` ran, per page. The slot
-busy fraction comes from the database (inference time over first slot acquisition to last
-release).
+Model loading, starting the flow's PDF worker processes and a one-page warm-up run are left out
+of every timing. Orchestration overhead is wall time minus the time the page work ran (pypdf
+extraction, in the process or through the flow's PDF workers, and vramflow's `generate_batch`:
+prompt, tokens, generate, decode), per page; non-model time is wall time minus the time the
+model's `generate` ran, per page. The slot busy fraction comes from the database (inference time
+over first slot acquisition to last release).
 """
 
 from __future__ import annotations

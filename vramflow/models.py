@@ -153,9 +153,10 @@ def _freeze_what_lives() -> None:
     With torch, transformers, Prefect and a model loaded, a process tracks about 500,000
     objects, and a full collection scanned them all: 0.25-0.35 s in which no thread of the
     process ran. One came at nearly every document's start (the flow run's objects), holding
-    up extraction, the slot and the first model call. These objects live as long as the process
-    (loaded models stay in `_cache`), and `gc.freeze` leaves them out of later collections;
-    what is garbage now is collected first, so that none of it is kept.
+    up extraction, the slot and the first model call. Most of them live as long as the process
+    (the libraries, and loaded models, which stay in `_cache`), and `gc.freeze` leaves them out
+    of later collections. What is garbage now is collected first; a frozen object is still
+    freed when its last reference goes, only a reference cycle among frozen objects is not.
     """
     gc.collect()
     gc.freeze()
