@@ -149,20 +149,14 @@ class WorkerPool:
         ready: list[Worker | None] = []
         try:
             with ThreadPoolExecutor(self.size, thread_name_prefix="vramflow-pdf-start") as pool:
-                ready = list(pool.map(self._running, taken))
+                ready = list(pool.map(self._started, taken))
         finally:
-            for index, worker in enumerate(taken):
-                self._slots.put(ready[index] if index < len(ready) else worker)
+            for worker in ready or taken:
+                self._slots.put(worker)
 
-    def _running(self, worker: Worker | None) -> Worker | None:
-        if worker is not None and worker.alive():
-            return worker
-        if worker is not None:
-            worker.stop(kill=True)
-        if self._closed:
-            return None
+    def _started(self, worker: Worker | None) -> Worker | None:
         try:
-            return Worker()
+            return self._usable(worker)
         except Exception as exc:
             log.warning("a PDF worker did not start: %s", exc)
             return None
@@ -180,20 +174,26 @@ class WorkerPool:
         return reply
 
     def _checkout(self) -> Worker:
-        worker = self._slots.get()
+        token = self._slots.get()
+        try:
+            worker = self._usable(token)
+        except BaseException:
+            self._slots.put(None)
+            raise
+        with self._lock:
+            self._busy.add(worker)
+        return worker
+
+    def _usable(self, worker: Worker | None) -> Worker:
+        """`worker` if it can take a request; otherwise it is stopped and a new one started in
+        its place. Raises when the pool is closed or the new worker does not start."""
         if worker is not None and (self._closed or not worker.alive()):
             worker.stop(kill=not worker.alive())
             worker = None
         if worker is None:
-            try:
-                if self._closed:
-                    raise VramflowError("the PDF worker processes were shut down")
-                worker = Worker()
-            except BaseException:
-                self._slots.put(None)
-                raise
-        with self._lock:
-            self._busy.add(worker)
+            if self._closed:
+                raise VramflowError("the PDF worker processes were shut down")
+            worker = Worker()
         return worker
 
     def _return(self, worker: Worker, broken: bool) -> None:
