@@ -18,11 +18,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import SyncClientContext
-from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
+from tasks.dispatch import BatchRun, start_batch
 from tasks.documents import open_document
 from tasks.extract import extract_page
 from tasks.infer import infer_batch
@@ -34,7 +34,7 @@ from vramflow.errors import ConfigError
 from vramflow.extraction_budget import ExtractionBudget
 from vramflow.runs import key_parts, parse_page_range, validate_prompt
 
-# Batches submitted ahead of the one holding the slot, counting it. Two keep the device busy
+# Batches in flight per document, counting the one being answered. Two keep the device busy
 # when extracting a batch takes less time than inferring one; the third is slack for pages
 # that are slow to extract.
 BATCHES_IN_FLIGHT = 3
@@ -118,7 +118,7 @@ async def _process_document(
     )
     batches = (todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size))
 
-    in_flight: dict[asyncio.Future, tuple[list[int], PrefectFuture]] = {}
+    in_flight: dict[asyncio.Future, tuple[list[int], BatchRun]] = {}
 
     def submit(batch: list[int]) -> None:
         """The batch's page extractions, and its inference once they are done."""
@@ -127,28 +127,26 @@ async def _process_document(
             for n in batch
             if n not in extracted
         ]
-        future = infer.submit(document_id, batch, settings, force, wait_for=extracts)
-        in_flight[asyncio.ensure_future(asyncio.to_thread(future.wait))] = (batch, future)
+        run = start_batch(infer, document_id, batch, settings, force, extracts)
+        in_flight[asyncio.ensure_future(asyncio.to_thread(run.wait))] = (batch, run)
 
-    # A few batches in flight: while one holds the slot the next waits at it, extracted, and
-    # the one after is being extracted. With every page submitted at once, the first slot
-    # request waited out the server's writes of all those task runs (16 pages at batch size 1
-    # on SQLite: 0.36-0.66 s against 0.22 s), and a long document held a future per page.
-    # Whichever batch finishes is replaced at once: the slot takes batches in the order they
-    # reach it, not the order they were submitted, and waiting for the oldest left the slot
-    # with no batch waiting, so it went back to the server.
+    # A few batches in flight: while the engine answers one, the next waits in its queue,
+    # extracted, and the one after is being extracted, so the engine always has pages waiting
+    # (it keeps the slot and the weights on the device while it does) and a long document
+    # never holds more than a few batches of task runs. Whichever batch finishes is replaced
+    # at once, not the oldest.
     for batch in islice(batches, BATCHES_IN_FLIGHT):
         submit(batch)
     report = await starting_report
     while in_flight:
         done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
         for waited in done:
-            batch, future = in_flight.pop(waited)
+            batch, run = in_flight.pop(waited)
             waited.result()  # raises what waiting raised (a suspended flow run)
             if (following := next(batches, None)) is not None:
                 submit(following)
-            if future.state.is_failed():
-                logger.error("pages %s failed: %s", batch, future.state.message)
+            if run.failure:
+                logger.error("pages %s failed: %s", batch, run.failure)
             await report.advance(len(batch))
 
     async def summarize() -> dict[str, Any]:

@@ -9,9 +9,10 @@ from vramflow.inference import CallRecord
 
 
 def attempt_rows(
-    record: CallRecord, result_ids: dict[int, int], hold_id: str, flow_run_id: str | None
+    record: CallRecord, result_ids: dict[int, int], hold_id: str, runs: dict[int, str | None]
 ) -> list[dict]:
-    """One attempt row per page of the call: the batch size shows how it was split."""
+    """One attempt row per page of the call: the batch size shows how it was split, the call id
+    which pages (of which documents) shared it."""
     rows = []
     for page in record.pages:
         generation = record.generations.get(page)
@@ -20,7 +21,7 @@ def attempt_rows(
                 "result_id": result_ids[page],
                 "hold_id": hold_id,
                 "call_id": record.call_id,
-                "flow_run_id": flow_run_id,
+                "flow_run_id": runs.get(page),
                 "outcome": record.outcome,
                 "error_message": record.error_message,
                 "device": record.device,
@@ -49,26 +50,28 @@ def store_call(
     result_ids: dict[int, int],
     hold_id: str,
     slot_wait: float,
-    flow_run_id: str | None,
+    runs: dict[int, str | None],
 ) -> None:
     """Write a call's attempts, and the results it settles: its answers, or a final failure.
 
-    An out-of-memory call over several pages is not final: the batch is split and retried.
+    `runs` gives each page's flow run. An out-of-memory call over several pages is not final:
+    the batch is split and retried.
     """
-    queries.record_attempts(session, attempt_rows(record, result_ids, hold_id, flow_run_id))
+    queries.record_attempts(session, attempt_rows(record, result_ids, hold_id, runs))
     timing = {
         "device": record.device,
         "infer_started_at": record.started_at,
         "infer_finished_at": record.finished_at,
         "infer_seconds": record.infer_seconds,
         "slot_wait_seconds": slot_wait,
-        "flow_run_id": flow_run_id,
+        "worker_id": None,
     }
     if record.outcome == "ok":
         for page, generation in record.generations.items():
             queries.finish_result(
                 session,
                 result_ids[page],
+                flow_run_id=runs.get(page),
                 status="ok",
                 output=generation.text,
                 tokens_in=generation.tokens_in,
@@ -84,6 +87,7 @@ def store_call(
             queries.finish_result(
                 session,
                 result_ids[page],
+                flow_run_id=runs.get(page),
                 status="failed",
                 output=None,
                 error_type=record.error_type,

@@ -65,9 +65,10 @@ def test_flow_stores_one_result_per_page_and_a_rerun_does_nothing(env, tiny_mode
         assert all(r.device == "cpu" and r.peak_vram_bytes is None for r in results)
         assert {r.flow_run_id for r in results} == {summary["flow_run_id"]}
         assert all(r.infer_started_at <= r.infer_finished_at for r in results)
-        holds = session.scalars(select(SlotHold)).all()
-        assert len(holds) == 2  # 6 pages in batches of 4: the slot is taken per batch
-        assert all(h.released_at is not None and h.move_in_seconds is not None for h in holds)
+        # Both batches in one hold: the engine keeps the slot while pages wait for it.
+        [hold] = session.scalars(select(SlotHold)).all()
+        assert hold.released_at is not None and hold.move_in_seconds is not None
+        assert (hold.pages, hold.flow_run_id) == (6, summary["flow_run_id"])
         attempts_before = session.scalar(select(func.count(Attempt.id)))
     again = run(tiny_model_dir)
     assert again["pages_already_done"] == 6 and again["pages_inferred"] == 0
@@ -169,11 +170,10 @@ def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_di
     """A document keeps BATCHES_IN_FLIGHT batches submitted, not every page from the start:
     at batch size 1, page 4 is extracted only after one model call is over."""
     from flows.process_pdf import BATCHES_IN_FLIGHT
-    from tasks import infer
-    from vramflow import pdf
+    from vramflow import engine, pdf
 
     extracted, inferred = {}, {}
-    extract, model_call = pdf.extract_page, infer.run_batch
+    extract, model_call = pdf.extract_page, engine.run_batch
 
     def recording_extract(path, page_number, *args, **kwargs):
         extracted[page_number] = time.monotonic()
@@ -186,7 +186,7 @@ def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_di
         return outcome
 
     monkeypatch.setattr(pdf, "extract_page", recording_extract)
-    monkeypatch.setattr(infer, "run_batch", recording_model)
+    monkeypatch.setattr(engine, "run_batch", recording_model)
     summary = run(tiny_model_dir, batch_size=1)
     assert summary["pages_ok"] == 6 and BATCHES_IN_FLIGHT < 6
     finished = sorted(inferred.values())
@@ -197,13 +197,10 @@ def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_di
 def test_a_batch_that_finishes_first_is_replaced_at_once(env, tiny_model_dir, monkeypatch):
     """Page 1's extraction holds until page 4 has been through the model: only possible if
     the flow submits page 4 when page 2 or 3 is done, not when the oldest batch is."""
-    import threading
-
-    from tasks import infer
-    from vramflow import pdf
+    from vramflow import engine, pdf
 
     page_4_inferred = threading.Event()
-    extract, model_call, held_back = pdf.extract_page, infer.run_batch, []
+    extract, model_call, held_back = pdf.extract_page, engine.run_batch, []
 
     def extract_page_1_last(path, page_number, *args, **kwargs):
         if page_number == 1:
@@ -217,7 +214,7 @@ def test_a_batch_that_finishes_first_is_replaced_at_once(env, tiny_model_dir, mo
         return outcome
 
     monkeypatch.setattr(pdf, "extract_page", extract_page_1_last)
-    monkeypatch.setattr(infer, "run_batch", noting_page_4)
+    monkeypatch.setattr(engine, "run_batch", noting_page_4)
     summary = run(tiny_model_dir, batch_size=1)
     assert summary["pages_ok"] == 6
     assert held_back == [True]
@@ -226,16 +223,16 @@ def test_a_batch_that_finishes_first_is_replaced_at_once(env, tiny_model_dir, mo
 def test_pages_waiting_for_the_model_keep_their_extraction_time(env, tiny_model_dir, monkeypatch):
     """The document's extraction time limit counts extracting, not waiting: with one task
     thread, page 6 is extracted only after five model calls, long after the limit here."""
-    from tasks import infer
+    from vramflow import engine
 
     monkeypatch.setenv("VRAMFLOW_DOCUMENT_TIMEOUT_SECONDS", "2")
-    model_call = infer.run_batch
+    model_call = engine.run_batch
 
     def slow_model(*args, **kwargs):
         time.sleep(0.6)  # a model slower, over the document, than its extraction limit
         return model_call(*args, **kwargs)
 
-    monkeypatch.setattr(infer, "run_batch", slow_model)
+    monkeypatch.setattr(engine, "run_batch", slow_model)
     summary = run(tiny_model_dir, task_workers=1, batch_size=1)
     assert summary["status"] == "done" and summary["pages_ok"] == 6, summary["errors"]
 
@@ -319,24 +316,25 @@ def test_every_torch_call_of_the_flow_runs_on_one_thread(env, tiny_model_dir, mo
     assert used != {threading.get_ident()}
 
 
-def test_the_next_batch_waits_at_the_slot_while_one_generates(env, tiny_model_dir, monkeypatch):
-    """A hand-off needs the next batch in line before the holder leaves. Batches that waited
-    for the torch thread (busy generating) got there after the slot had gone back."""
+def test_the_next_batch_waits_in_the_engine_while_one_generates(env, tiny_model_dir, monkeypatch):
+    """The engine keeps the slot only while pages wait: each of the first three calls of four
+    pages one by one must find the next page queued, and the slot is taken from the server once."""
+    from tasks import engine_host
     from tasks import gpu_slot as gpu_slot_module
     from vramflow import inference
 
     generate, acquire = inference.generate_batch, gpu_slot_module._acquire
     in_line_seen, from_server = [], []
 
-    def waiting_at_the_slot() -> int:
-        return sum(gate.waiting for gate in gpu_slot_module._gates.values())
+    def waiting_in_the_engine() -> int:
+        return sum(engine.pages_waiting for engine in engine_host._engines.values())
 
     def generate_after_a_look(*args, **kwargs):
-        if len(in_line_seen) < 3:  # 4 pages one by one: the first three have one behind
+        if len(in_line_seen) < 3:
             deadline = time.monotonic() + 10
-            while not waiting_at_the_slot() and time.monotonic() < deadline:
+            while not waiting_in_the_engine() and time.monotonic() < deadline:
                 time.sleep(0.005)
-            in_line_seen.append(waiting_at_the_slot() > 0)
+            in_line_seen.append(waiting_in_the_engine() > 0)
         return generate(*args, **kwargs)
 
     def counted_acquire(*args, **kwargs):
@@ -348,16 +346,16 @@ def test_the_next_batch_waits_at_the_slot_while_one_generates(env, tiny_model_di
     summary = run(tiny_model_dir, batch_size=1, pages="1-4")
     assert summary["pages_ok"] == 4
     assert in_line_seen == [True, True, True]
-    assert len(from_server) == 1  # the later batches had the slot handed over
+    assert len(from_server) == 1  # one hold for the four calls
 
 
 def test_the_slot_passes_on_while_the_answers_are_stored(env, tiny_model_dir, monkeypatch):
     """A holder that wrote its answers itself kept the slot for that commit, 3-5 ms of every
     hand-off. The first batch's answers are held back here until the second batch generates."""
-    from tasks import infer
+    from tasks import engine_host
     from vramflow import inference
 
-    generate, store = inference.generate_batch, infer.store_call
+    generate, store = inference.generate_batch, engine_host.store_call
     second_generates, stored_after_it = threading.Event(), []
 
     def generate_counted(*args, **kwargs):
@@ -373,7 +371,7 @@ def test_the_slot_passes_on_while_the_answers_are_stored(env, tiny_model_dir, mo
 
     generate_counted.calls = 0
     monkeypatch.setattr(inference, "generate_batch", generate_counted)
-    monkeypatch.setattr(infer, "store_call", store_held_back)
+    monkeypatch.setattr(engine_host, "store_call", store_held_back)
     summary = run(tiny_model_dir, batch_size=1, pages="1-2")
     assert summary["pages_ok"] == 2
     assert stored_after_it == [True]

@@ -186,8 +186,7 @@ def show(
     from vramflow.db import reports
     from vramflow.db.schema import ensure_schema
     from vramflow.db.session import session_scope
-    from vramflow.models import model_identity
-    from vramflow.runs import _sha
+    from vramflow.runs import _sha, model_identity
 
     settings = Settings()
     ensure_schema(settings.resolved_database_url)
@@ -320,6 +319,44 @@ def serve(
             "set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
         )
     serve_deployments(*deployments(retry_schedule_active=retry_schedule), limit=limit)
+
+
+@app.command("gpu-worker")
+def gpu_worker(
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto, cpu or cuda:N (default: VRAMFLOW_DEVICE, auto)."),
+    ] = None,
+    limit: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1024,
+            help="Batches taken at once; they wait in the engine and share its model calls.",
+        ),
+    ] = 64,
+    preload: Annotated[
+        list[str] | None,
+        typer.Option(help="Model to load before the first batch (default: VRAMFLOW_MODEL)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide Prefect's logs.")] = False,
+) -> None:
+    """Keep the model loaded and answer the batches of every flow run for one device.
+
+    Start one per GPU beside the Prefect worker; flow runs send their pages here through the
+    Prefect server (PREFECT_API_URL), and pages of different runs share model calls.
+
+    Example: PREFECT_API_URL=http://127.0.0.1:4200/api vramflow gpu-worker --device cuda:0
+    """
+    _prepare_prefect(not quiet)
+    import logging
+
+    from tasks.gpu_worker import run_gpu_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    overrides = {"device": device} if device else {}
+    settings = Settings(**overrides)
+    run_gpu_worker(settings, limit, preload if preload is not None else [settings.model])
 
 
 def main() -> None:

@@ -120,6 +120,36 @@ class Settings(BaseSettings):
     page_timeout_seconds: float = Field(
         default=60, gt=0, description="Extracting one page may take this long; it fails alone."
     )
+    inference: Literal["auto", "in-process", "gpu-worker"] = Field(
+        default="auto",
+        description=(
+            "Where a flow run's batches are answered: `gpu-worker` (sent to the `vramflow"
+            " gpu-worker` processes through the Prefect server), `in-process` (the flow's own"
+            " process loads the model), or `auto`: gpu-worker when PREFECT_API_URL names a"
+            " server, in-process on Prefect's temporary server."
+        ),
+    )
+    gpu_worker_wait_seconds: float = Field(
+        default=120,
+        gt=0,
+        le=86400,
+        description=(
+            "A batch that no GPU worker has taken after this long, while none is alive, fails"
+            " with a message saying to start one."
+        ),
+    )
+    gpu_worker_heartbeat_seconds: float = Field(
+        default=5, gt=0, le=3600, description="How often a GPU worker records that it is alive."
+    )
+    gpu_worker_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=86400,
+        description=(
+            "A GPU worker silent for this long is taken as dead: the batches it was running"
+            " are sent again."
+        ),
+    )
     task_workers: int = Field(
         default=8, ge=1, le=256, description="Threads of a flow's task runner."
     )

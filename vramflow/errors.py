@@ -49,3 +49,7 @@ class InferenceOOMError(InferenceError):
 
 class InferenceTimeoutError(InferenceError):
     """A model call ran longer than the configured limit."""
+
+
+class NoGpuWorkerError(InferenceError):
+    """No GPU worker took a batch in time: none is running for the Prefect server."""

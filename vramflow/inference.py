@@ -30,8 +30,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PageInput:
+    """A page to generate for. `key` tells pages of different documents apart in one call (the
+    engine uses the result id); without it the page number is the key."""
+
     page_number: int
     text: str
+    key: int | None = None
+
+    @property
+    def ident(self) -> int:
+        return self.page_number if self.key is None else self.key
 
 
 @dataclass
@@ -39,7 +47,7 @@ class CallRecord:
     """One model call over some pages: its outcome and the memory measured around it."""
 
     call_id: str
-    pages: list[int]
+    pages: list[int]  # the pages' keys (`PageInput.ident`)
     outcome: str  # ok | oom | timeout | error
     error_type: str | None
     error_message: str | None
@@ -134,7 +142,7 @@ def _call(
     injector: OomInjector | None,
 ) -> CallRecord:
     """One model call; failures are caught and classified, never raised."""
-    numbers = [p.page_number for p in pages]
+    numbers = [p.ident for p in pages]
     gpu.reset_peaks(cfg.device)
     before = gpu.nvml_snapshot(cfg.device)
     started_at, started = datetime.now(timezone.utc), time.perf_counter()
@@ -142,7 +150,7 @@ def _call(
     outcome, error_type, message = "ok", None, None
     try:
         if injector:
-            injector.check(numbers)
+            injector.check([p.page_number for p in pages])
         outputs = torch_thread.run(
             generate_batch,
             loaded,

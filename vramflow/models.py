@@ -117,6 +117,12 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cached_count() -> int:
+    """How many models this process holds."""
+    with _cache_lock:
+        return len(_cache)
+
+
 def cached_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel | None:
     """The model `load_model` has already loaded in this process, if any; safe from any thread."""
     with _cache_lock:
@@ -160,12 +166,6 @@ def _freeze_what_lives() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def model_identity(spec: str) -> str:
-    """A stable id for the idempotence key: folders by absolute path, others as given."""
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
 
 
 class _Deadline(StoppingCriteria):

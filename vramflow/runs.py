@@ -5,14 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 from vramflow.config import Settings
 from vramflow.errors import ConfigError
-from vramflow.models import model_identity
 
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_identity(spec: str) -> str:
+    """A stable id for the idempotence key: folders by absolute path, others as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def generation_settings_json(settings: Settings) -> str:

@@ -1,4 +1,5 @@
-"""Tables: documents, pages, results (one per page and idempotence key), attempts, slot holds."""
+"""Tables: documents, pages, results (one per page and idempotence key), attempts, slot holds,
+GPU workers."""
 
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ class Result(Base):
     slot_wait_seconds: Mapped[float | None] = mapped_column(Float)
     peak_vram_bytes: Mapped[int | None] = mapped_column(BigInteger)
     flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    # The GPU worker running this result, while it is `running` (see GpuWorker).
+    worker_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -185,3 +188,21 @@ class Attempt(Base):
     nvml_free_after_bytes: Mapped[int | None] = mapped_column(BigInteger)
     nvml_total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class GpuWorker(Base):
+    """A process running inference for one device: `vramflow gpu-worker`, or a flow process
+    running its own engine. Its heartbeat tells waiting flow runs whether it is still alive."""
+
+    __tablename__ = "gpu_workers"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    host: Mapped[str] = mapped_column(String(256))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16))  # gpu-worker | in-process
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    models_loaded: Mapped[int] = mapped_column(Integer, default=0)
+    pages_waiting: Mapped[int] = mapped_column(Integer, default=0)

@@ -95,8 +95,10 @@ def start_results(
     prompt: str,
     settings_json: str,
     flow_run_id: str | None,
+    worker_id: str | None = None,
 ) -> dict[int, int]:
-    """Mark the pages' results as running (creating them); returns page → result id."""
+    """Mark the pages' results as running (creating them), claimed by `worker_id` (a GPU
+    worker; None in a process running its own engine); returns page → result id."""
     for page in pages:
         values = {
             "document_id": key.document_id,
@@ -108,6 +110,7 @@ def start_results(
             "settings_json": settings_json,
             "status": "running",
             "flow_run_id": flow_run_id,
+            "worker_id": worker_id,
         }
         upsert(
             session,
@@ -138,6 +141,45 @@ def finish_result(session: Session, result_id: int, **values: Any) -> None:
 
 def record_hold(session: Session, **values: Any) -> None:
     session.add(SlotHold(**values))
+
+
+def count_hold_pages(
+    session: Session, hold_id: str, pages: int, flow_run_ids: Iterable[str | None]
+) -> None:
+    """Add a call's answered pages to its hold; a hold belongs to the run of its first call."""
+    first = next((run for run in flow_run_ids if run), None)
+    session.execute(
+        update(SlotHold)
+        .where(SlotHold.hold_id == hold_id)
+        .values(
+            pages=SlotHold.pages + pages,
+            flow_run_id=func.coalesce(SlotHold.flow_run_id, first),
+        )
+    )
+
+
+def fail_results(
+    session: Session,
+    key: ResultKey,
+    pages: Sequence[int],
+    prompt: str,
+    settings_json: str,
+    flow_run_id: str | None,
+    error_type: str,
+    message: str,
+) -> None:
+    """Store `pages` as failed with the reason, unless already answered."""
+    pages = [page for page in pages if page not in done_pages(session, key)]
+    ids = start_results(session, key, pages, prompt, settings_json, flow_run_id)
+    for result_id in ids.values():
+        finish_result(
+            session,
+            result_id,
+            status="failed",
+            error_type=error_type,
+            error_message=message,
+            worker_id=None,
+        )
 
 
 def finish_hold(session: Session, hold_id: str, **values: Any) -> None:

@@ -1,0 +1,170 @@
+"""The engine of this process (vramflow.engine), wired to the GPU slot and the database.
+
+One engine per device and slot configuration in a process. In a `vramflow gpu-worker` the
+worker's own settings choose the device and slot (`serve_as_gpu_worker`); in a flow process
+running the embedded default, the settings of the first batch do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any
+
+from tasks.gpu_slot import gpu_slot
+from tasks.recording import store_call
+from vramflow import gpu, models, slot_records, torch_thread
+from vramflow.config import Settings
+from vramflow.db import queries
+from vramflow.db.session import session_scope
+from vramflow.engine import CallGroup, Engine, EngineParts, PageJob
+from vramflow.inference import CallRecord
+
+_engines: dict[tuple[Any, ...], Engine] = {}
+_lock = threading.Lock()
+_worker_settings: Settings | None = None
+_worker_id: str | None = None
+
+
+def serve_as_gpu_worker(settings: Settings, worker_id: str) -> None:
+    """From now on this process's engine follows `settings` (device, slot, dtype), whatever
+    settings a batch brings; its claims on pages carry `worker_id`."""
+    global _worker_settings, _worker_id
+    _worker_settings, _worker_id = settings, worker_id
+
+
+def worker_id() -> str | None:
+    """The GPU worker this process is, if it is one."""
+    return _worker_id
+
+
+def engine_for(settings: Settings) -> Engine:
+    """This process's engine for the device and slot that `settings` (or the GPU worker's own
+    settings) name, started on first use."""
+    own = _worker_settings or settings
+    device = gpu.resolve_device(own.device)
+    key = (
+        device,
+        own.dtype,
+        own.model_cache_dir,
+        own.slot_name_template,
+        own.slot_size,
+        own.slot_lease_seconds,
+        own.slot_wait_seconds,
+        own.slot_records_dir,
+        own.slot_handoff_seconds,
+        own.torch_threads,
+    )
+    with _lock:
+        if key not in _engines:
+            _engines[key] = Engine(_parts(own, device))
+        return _engines[key]
+
+
+def call_group(settings: Settings) -> CallGroup:
+    """What a batch shares with the batches it may be merged with."""
+    return CallGroup(
+        database_url=settings.resolved_database_url,
+        model=settings.model,
+        prompt=settings.prompt,
+        max_new_tokens=settings.max_new_tokens,
+        max_input_tokens=settings.max_input_tokens,
+        timeout_s=settings.inference_timeout_seconds,
+        inject_oom=settings.inject_oom,
+    )
+
+
+def loaded_models() -> int:
+    """Models held by this process (each loaded once)."""
+    return models.cached_count()
+
+
+def _parts(settings: Settings, device: str) -> EngineParts:
+    name = gpu.slot_name(settings.slot_name_template, device)
+    records = settings.slot_records_dir
+    dtype = models.resolve_dtype(settings.dtype, device)
+
+    def slot():
+        return gpu_slot(
+            name,
+            size=settings.slot_size,
+            lease_seconds=settings.slot_lease_seconds,
+            wait_seconds=settings.slot_wait_seconds,
+            records_dir=records,
+        )
+
+    def load(spec: str) -> models.LoadedModel:
+        return models.cached_model(spec, dtype) or torch_thread.run(
+            models.load_model, spec, settings.model_cache_dir, dtype
+        )
+
+    def should_yield(held_seconds: float) -> bool:
+        # The device is this process's while pages wait, up to the hand-off time; past it, the
+        # slot goes back to the server when another process of this host waits for it.
+        return held_seconds >= settings.slot_handoff_seconds and slot_records.others_waiting(
+            records, name
+        )
+
+    return EngineParts(
+        device=device,
+        slot=slot,
+        load=load,
+        recorder=DatabaseRecorder(name),
+        torch_threads=settings.torch_threads,
+        should_yield=should_yield,
+    )
+
+
+class DatabaseRecorder:
+    """Writes holds, attempts and results to the database of the pages' run."""
+
+    def __init__(self, slot_name: str) -> None:
+        self.slot_name = slot_name
+
+    def hold_started(self, group: CallGroup, hold_id: str, hold: Any, device: str) -> None:
+        with session_scope(group.database_url) as session:
+            queries.record_hold(
+                session,
+                hold_id=hold_id,
+                slot_name=self.slot_name,
+                device=device,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                flow_run_id=None,
+                pages=0,
+                wait_seconds=hold.wait_seconds,
+                acquired_at=hold.acquired_at,
+            )
+
+    def call_finished(
+        self,
+        group: CallGroup,
+        record: CallRecord,
+        jobs: dict[int, PageJob],
+        hold_id: str,
+        slot_wait: float,
+    ) -> None:
+        runs = {key: job.flow_run_id for key, job in jobs.items()}
+        with session_scope(group.database_url) as session:
+            store_call(session, record, {key: key for key in jobs}, hold_id, slot_wait, runs)
+            if record.outcome == "ok":
+                queries.count_hold_pages(session, hold_id, len(record.pages), runs.values())
+
+    def hold_finished(
+        self,
+        group: CallGroup,
+        hold_id: str,
+        hold: Any,
+        move_in: float,
+        move_out: float,
+        pages: int,
+    ) -> None:
+        with session_scope(group.database_url) as session:
+            queries.finish_hold(
+                session,
+                hold_id,
+                released_at=hold.released_at,
+                move_in_seconds=move_in,
+                move_out_seconds=move_out,
+            )
