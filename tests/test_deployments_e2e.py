@@ -1,10 +1,11 @@
 """Deployments end to end, the way an operator runs vramflow.
 
 One real `prefect server start` with its database on PostgreSQL (as a team runs it), the
-`vramflow-gpu` process pool, `prefect --no-prompt deploy --all` from the repository root, and one
-`prefect worker start` whose flow runs write to a temporary SQLite database. Runs are triggered
-through the REST API; results are checked in the database, artifacts through the API. About 3
-minutes on 2 cores.
+`vramflow-gpu` process pool, `prefect --no-prompt deploy --all` from the repository root, one
+`prefect worker start` whose flow runs write to a temporary SQLite database, and two
+`vramflow gpu-worker` processes sharing the one device, which answer every flow run's pages.
+Runs are triggered through the REST API; results are checked in the database, artifacts through
+the API. About 3 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.support.corpus import CORPUS, needs_corpus
+from tests.support.gpu_workers import FAST_HEALTH, start_gpu_worker, wait_until_serving
 from tests.support.process_tree import stop_process_tree
 from tests.support.servers import REPO_ROOT, PrefectServer, clean_env, tail
 from vramflow.db.models import Attempt, Document, Result, SlotHold
@@ -50,6 +52,7 @@ class Stack:
     api: httpx.Client
     database_url: str
     worker_log: Path
+    gpu_worker_logs: list[Path]
     model: str
     root: Path
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -85,6 +88,7 @@ class Stack:
                 f"flow run {run['name']} ({run_id}) is {state} after up to {timeout:.0f} s: "
                 f"{(run.get('state') or {}).get('message')}\n{self.run_logs(run_id)}\n"
                 + tail(self.worker_log, 80)
+                + "".join(tail(log, 40) for log in self.gpu_worker_logs)
             )
         return run
 
@@ -131,6 +135,9 @@ def stack(
     env.pop("VRAMFLOW_REPO", None)  # resolved on the worker's host, not baked in at deploy time
     _prefect(env, "work-pool", "create", POOL, "--type", "process", "--overwrite")
     _prefect(env, "--no-prompt", "deploy", "--all")
+    env.update(FAST_HEALTH, VRAMFLOW_INFERENCE="gpu-worker")
+    gpu_logs = [root / f"gpu-worker-{n}.log" for n in (1, 2)]
+    gpu_workers = [start_gpu_worker(env, tiny_model_dir, log) for log in gpu_logs]
     worker_env = {**env, "VRAMFLOW_REPO": str(REPO_ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"}
     log_path = root / "worker.log"
     with open(log_path, "wb") as log:
@@ -144,14 +151,17 @@ def stack(
             start_new_session=True,
         )
     try:
+        for process, log in zip(gpu_workers, gpu_logs, strict=True):
+            wait_until_serving(database_url, process, log)
         with httpx.Client(base_url=f"{prefect_server.api_url}/", timeout=30) as api:
-            stack = Stack(api, database_url, log_path, str(tiny_model_dir), root)
+            stack = Stack(api, database_url, log_path, gpu_logs, str(tiny_model_dir), root)
             for flow in FLOWS:
                 stack.deployments[flow] = stack.call("GET", f"deployments/name/{flow}/{flow}")
             _pause_schedules(stack, stack.deployments["sweep-inbox"])  # no sweep but ours
             yield stack
     finally:
-        stop_process_tree(worker)
+        for process in [worker, *gpu_workers]:
+            stop_process_tree(process)
         dispose_engines()
 
 
@@ -242,7 +252,7 @@ def test_sweep_processes_a_new_file_and_skips_a_renamed_copy_of_a_known_one(
     assert {r.flow_run_id for r in _results(stack, FIRST_PDF)} == {first_run["id"]}
 
 
-def test_two_runs_at_once_share_the_worker_but_never_the_device(stack: Stack):
+def test_two_runs_at_once_share_the_workers_but_never_the_device(stack: Stack):
     runs = [
         stack.trigger(
             "process-pdf", path=str(CORPUS / pdf), model=stack.model, max_new_tokens=3, batch_size=2
@@ -253,17 +263,17 @@ def test_two_runs_at_once_share_the_worker_but_never_the_device(stack: Stack):
     (a_start, a_end), (b_start, b_end) = ((r["start_time"], r["end_time"]) for r in done)
     assert a_start < b_end and b_start < a_end, "the worker ran the two flow runs one by one"
     with session_scope(stack.database_url) as session:
-        holds = session.execute(
-            select(SlotHold.acquired_at, SlotHold.released_at, SlotHold.flow_run_id)
-            .where(SlotHold.flow_run_id.in_(runs))
-            .order_by(SlotHold.acquired_at)
-        ).all()
         calls = session.execute(
-            select(Attempt.call_id, Attempt.started_at, Attempt.finished_at, Attempt.flow_run_id)
+            select(Attempt.call_id, Attempt.started_at, Attempt.finished_at, Attempt.hold_id)
             .where(Attempt.flow_run_id.in_(runs))
             .order_by(Attempt.started_at)
         ).all()
-    assert {h.flow_run_id for h in holds} == set(runs)
+        holds = session.execute(
+            select(SlotHold.acquired_at, SlotHold.released_at, SlotHold.pid)
+            .where(SlotHold.hold_id.in_({c.hold_id for c in calls}))
+            .order_by(SlotHold.acquired_at)
+        ).all()
+    # Holds of both GPU workers (one process each), never at once on the one device.
     _assert_disjoint([(h.acquired_at, h.released_at) for h in holds], "slot holds")
     by_call = {c.call_id: (c.started_at, c.finished_at) for c in calls}
     assert len(by_call) >= 5  # 5 + 6 pages in batches of 2

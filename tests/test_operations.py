@@ -207,7 +207,8 @@ def test_prefect_yaml_and_served_deployments_agree():
     for name, spec in declared.items():
         runner = served[name]
         module, function = runner.entrypoint.rsplit(".", 1)
-        assert spec["entrypoint"] == f"{module.replace('.', '/')}.py:{function}"
+        # By module, not file: GPU workers unpickle the flow of a batch's run context by name.
+        assert spec["entrypoint"] == f"{module}:{function}"
         assert spec["work_pool"]["name"] == "vramflow-gpu"
         schedules = [
             (s.schedule.cron, s.schedule.timezone, s.active, s.slug) for s in runner.schedules or []

@@ -68,6 +68,7 @@ def run(
     Example: vramflow run report.pdf --prompt "Summarise this page in two sentences."
     """
     _prepare_prefect(verbose)
+    _say_if_no_gpu_worker(Settings())
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.process_pdf import process_pdf
@@ -120,6 +121,27 @@ def run(
     _print_run_summary(summaries)
     if failures or any(s.get("status") != "done" for s in summaries):
         raise typer.Exit(1)
+
+
+def _say_if_no_gpu_worker(settings: Settings) -> None:
+    """With a Prefect server the pages go to GPU workers: say so up front when none is alive."""
+    from tasks.dispatch import uses_gpu_workers
+
+    if not uses_gpu_workers(settings):
+        return
+    from vramflow.db import workers
+    from vramflow.db.schema import ensure_schema
+    from vramflow.db.session import session_scope
+
+    ensure_schema(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as session:
+        if workers.alive(session, settings.gpu_worker_timeout_seconds):
+            return
+    err.print(
+        "no GPU worker is running for this database: start `vramflow gpu-worker` (the pages "
+        f"wait up to {settings.gpu_worker_wait_seconds:g} s for one), or set "
+        "VRAMFLOW_INFERENCE=in-process to load the model in this process"
+    )
 
 
 def _peak(summary: dict[str, Any]) -> str:

@@ -1,0 +1,407 @@
+"""A resident GPU worker under load: runs triggered at once, and many small documents.
+
+    python benchmarks/resident.py --max-new-tokens 32
+    python benchmarks/resident.py --model ./tiny --max-new-tokens 2 --burst-pages 1 \\
+        --sweep-documents 4 --json
+
+Starts its own stack in a work folder, whatever VRAMFLOW_* the caller's environment says: a real
+`prefect server start` (SQLite), the `vramflow-gpu` process pool with the repository's deployments,
+one `prefect worker start` and one `vramflow gpu-worker`; one warm-up run loads the model. Then:
+  burst   `--runs` process-pdf runs of `--burst-pages` pages, triggered at once through the REST API
+  single  one process-pdf run over `--sweep-documents` x 2 pages at batch size 8
+  sweep   one sweep-inbox run over `--sweep-documents` documents of 2 pages at batch size 8
+A sampler follows every flow-run process the Prefect worker starts (peak RSS, whether torch is
+loaded) and matches it to its flow run. Figures: model loads in the whole run (the GPU worker's
+models plus flow-run processes with torch), the most model calls at once on the device, each
+burst run's seconds from its process start to its first model call, and the sweep's pages per
+second over the single document's (the same pages' worth, in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO), str(HERE)]
+
+from pages import prose_pages, warmup_pdf  # noqa: E402
+from server import _free_port, _wait_healthy  # noqa: E402
+
+from vramflow.config import PREFECT_SERVER_DEFAULTS  # noqa: E402
+from vramflow.demo.pdfgen import write_text_pdf  # noqa: E402
+
+POOL = "vramflow-gpu"
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class FlowProcess:
+    """A flow-run process the Prefect worker started, as the sampler saw it."""
+
+    pid: int
+    started: float  # epoch seconds
+    flow_run_id: str | None = None
+    peak_rss: int = 0
+    torch_loaded: bool = False
+
+
+@dataclass
+class Sampler:
+    """Follows the Prefect worker's descendants every 50 ms until stopped."""
+
+    worker_pid: int
+    seen: dict[int, FlowProcess] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                children = psutil.Process(self.worker_pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for child in children:
+                self._sample(child)
+
+    def _sample(self, child: psutil.Process) -> None:
+        try:
+            found = self.seen.get(child.pid)
+            if found is None:
+                run_id = child.environ().get("PREFECT__FLOW_RUN_ID")
+                if run_id is None:
+                    return  # a PDF worker of a flow run, not the flow run itself
+                found = self.seen[child.pid] = FlowProcess(child.pid, child.create_time(), run_id)
+            found.peak_rss = max(found.peak_rss, child.memory_info().rss)
+            if not found.torch_loaded:
+                found.torch_loaded = any("libtorch" in m.path for m in child.memory_maps())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError):
+            pass
+
+
+class Stack:
+    """Server, pool, deployments, Prefect worker and GPU worker in `folder`."""
+
+    def __init__(self, folder: Path, model: str) -> None:
+        self.folder, self.model, self.processes = folder, model, []
+        self.database_url = f"sqlite:///{folder / 'vramflow.db'}"
+        self.env = self._base_env()
+
+    def _base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VRAMFLOW_"))}
+        env.update(PREFECT_SERVER_DEFAULTS)
+        env.update(
+            PREFECT_HOME=str(self.folder / "prefect"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            VRAMFLOW_HOME=str(self.folder / "home"),
+            VRAMFLOW_DATABASE_URL=self.database_url,
+            VRAMFLOW_INFERENCE="gpu-worker",
+            VRAMFLOW_REPO=str(REPO),
+            PYTHONPATH=str(REPO),
+        )
+        return env
+
+    def start(self) -> None:
+        port = _free_port()
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        server = self._spawn(
+            "server", "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)
+        )
+        _wait_healthy(server, self.api_url, self.folder / "server.log")
+        self.env["PREFECT_API_URL"] = self.api_url
+        self._prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
+        self._prefect("--no-prompt", "deploy", "--all")
+        self.gpu_worker = self._spawn(
+            "gpu-worker", "-m", "vramflow", "gpu-worker", "--preload", self.model
+        )
+        self.worker = self._spawn("worker", "-m", "prefect", "worker", "start", "--pool", POOL)
+        self.api = httpx.Client(base_url=f"{self.api_url}/", timeout=30)
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=self.folder,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.processes.append(process)
+        return process
+
+    def _prefect(self, *args: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=REPO,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    def trigger(self, deployment: str, **parameters: Any) -> str:
+        found = self._call("GET", f"deployments/name/{deployment}/{deployment}")
+        path = f"deployments/{found['id']}/create_flow_run"
+        return self._call("POST", path, json={"parameters": parameters})["id"]
+
+    def wait(self, run_ids: list[str], timeout: float = 1800) -> list[dict[str, Any]]:
+        deadline, runs = time.monotonic() + timeout, {}
+        while len(runs) < len(run_ids) and time.monotonic() < deadline:
+            for run_id in set(run_ids) - runs.keys():
+                run = self._call("GET", f"flow_runs/{run_id}")
+                if (run.get("state") or {}).get("type") in FINAL:
+                    runs[run_id] = run
+            time.sleep(0.5)
+        if len(runs) < len(run_ids):
+            raise RuntimeError(f"runs not finished within {timeout:g} s: see {self.folder}")
+        return [runs[r] for r in run_ids]
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        for pause in (0.2, 0.5, 1, 2, 4, 8, 0):  # the SQLite server answers 503 when busy
+            response = self.api.request(method, path, **kwargs)
+            if response.status_code not in (429, 502, 503):
+                break
+            time.sleep(pause)
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def first_calls(url: str) -> dict[str, float]:
+    """flow run id → epoch seconds of the first model call carrying one of its pages."""
+    from sqlalchemy import func, select
+
+    from vramflow.db.models import Attempt
+    from vramflow.db.session import session_scope
+
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Attempt.flow_run_id, func.min(Attempt.started_at)).group_by(Attempt.flow_run_id)
+        ).all()
+    return {run: started.timestamp() for run, started in rows if run}
+
+
+def calls(url: str) -> list[tuple[float, float, int]]:
+    """(start, end, documents carried) of every model call, by start."""
+    from sqlalchemy import func, select
+
+    from vramflow.db.models import Attempt, Result
+    from vramflow.db.session import session_scope
+
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(
+                Attempt.call_id,
+                func.min(Attempt.started_at),
+                func.max(Attempt.finished_at),
+                func.count(func.distinct(Result.document_id)),
+            )
+            .join(Result, Result.id == Attempt.result_id)
+            .group_by(Attempt.call_id)
+        ).all()
+    return sorted((start.timestamp(), end.timestamp(), docs) for _, start, end, docs in rows)
+
+
+def most_at_once(intervals: list[tuple[float, float, int]]) -> int:
+    """The most model calls that ran at the same moment."""
+    edges = sorted([(s, 1) for s, _, _ in intervals] + [(e, -1) for _, e, _ in intervals])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def models_held(url: str) -> int:
+    from sqlalchemy import func, select
+
+    from vramflow.db.models import GpuWorker
+    from vramflow.db.session import session_scope
+
+    with session_scope(url) as session:
+        return int(session.scalar(select(func.sum(GpuWorker.models_loaded))) or 0)
+
+
+def wall(run: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    start, end = (datetime.fromisoformat(run[k]) for k in ("start_time", "end_time"))
+    return (end - start).total_seconds()
+
+
+def documents(folder: Path, count: int, pages: int, seed: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = prose_pages(count * pages, seed)
+    return [
+        write_text_pdf(folder / f"doc{n:02d}.pdf", texts[n * pages : (n + 1) * pages])
+        for n in range(count)
+    ]
+
+
+def measure(stack: Stack, args: argparse.Namespace, sampler: Sampler) -> dict[str, Any]:
+    generation = {"model": stack.model, "max_new_tokens": args.max_new_tokens}
+    [warm] = stack.wait(
+        [stack.trigger("process-pdf", path=str(warmup_pdf(stack.folder)), **generation)]
+    )
+    burst_docs = documents(stack.folder / "burst", args.runs, args.burst_pages, seed=1)
+    burst_started = time.time()
+    ids = [
+        stack.trigger("process-pdf", path=str(p), batch_size=args.burst_batch_size, **generation)
+        for p in burst_docs
+    ]
+    burst = stack.wait(ids)
+    burst_wall = time.time() - burst_started
+    inbox = stack.folder / "inbox"
+    documents(inbox, args.sweep_documents, 2, seed=2)
+    [big] = documents(stack.folder / "single", 1, 2 * args.sweep_documents, seed=3)
+    [single] = stack.wait([stack.trigger("process-pdf", path=str(big), batch_size=8, **generation)])
+    [sweep] = stack.wait(
+        [
+            stack.trigger(
+                "sweep-inbox",
+                inbox=str(inbox),
+                batch_size=8,
+                documents_at_once=args.sweep_documents,
+                **generation,
+            )
+        ]
+    )
+    time.sleep(1.0)  # the sampler's last look at the ended processes
+    return summarize(
+        stack, args, sampler, [warm, *burst, single, sweep], burst, burst_wall, single, sweep
+    )
+
+
+def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> dict[str, Any]:
+    firsts = first_calls(stack.database_url)
+    procs = {p.flow_run_id: p for p in sampler.seen.values()}
+    to_first = [firsts[r["id"]] - procs[r["id"]].started for r in burst if r["id"] in procs]
+    intervals = calls(stack.database_url)
+    sweep_start = wall_start(sweep)
+    pages = 2 * args.sweep_documents
+    return {
+        "runs_completed": sum(r["state"]["type"] == "COMPLETED" for r in every),
+        "runs": len(every),
+        "model_loads": models_held(stack.database_url)
+        + sum(p.torch_loaded for p in sampler.seen.values()),
+        "flow_processes": len(sampler.seen),
+        "flow_processes_with_torch": sum(p.torch_loaded for p in sampler.seen.values()),
+        "flow_process_peak_rss_mib": max(p.peak_rss for p in sampler.seen.values()) / 2**20,
+        "calls_at_once": most_at_once(intervals),
+        "burst_wall_s": burst_wall,
+        "burst_start_to_first_call_s": sorted(to_first),
+        "single_pages_per_s": pages / wall(single),
+        "sweep_pages_per_s": pages / wall(sweep),
+        "sweep_over_single": wall(single) / wall(sweep),
+        "sweep_calls_with_several_documents": sum(
+            1 for start, _, docs in intervals if start >= sweep_start and docs > 1
+        ),
+    }
+
+
+def wall_start(run: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(run["start_time"]).timestamp()
+
+
+def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
+    firsts = result["burst_start_to_first_call_s"]
+    rows = [
+        ("runs completed", f"{result['runs_completed']} / {result['runs']}"),
+        ("model loads in the whole run", result["model_loads"]),
+        (
+            "flow-run processes (with torch)",
+            f"{result['flow_processes']} ({result['flow_processes_with_torch']})",
+        ),
+        ("flow-run process peak RSS", f"{result['flow_process_peak_rss_mib']:.0f} MiB"),
+        ("model calls at once on the device (most)", result["calls_at_once"]),
+        (f"{args.runs} runs at once: wall", f"{result['burst_wall_s']:.1f} s"),
+        (
+            "process start to first model call (min / median / max)",
+            f"{firsts[0]:.1f} / {firsts[len(firsts) // 2]:.1f} / {firsts[-1]:.1f} s"
+            if firsts
+            else "-",
+        ),
+        ("single document, batch 8", f"{result['single_pages_per_s']:.2f} pages/s"),
+        (
+            f"sweep of {args.sweep_documents} x 2 pages, batch 8",
+            f"{result['sweep_pages_per_s']:.2f} pages/s",
+        ),
+        ("sweep / single", f"{result['sweep_over_single']:.2f}x"),
+        ("sweep calls carrying several documents", result["sweep_calls_with_several_documents"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(
+        f"resident GPU worker: model {args.model}, {args.max_new_tokens} new tokens, "
+        f"device {args.device_label}, SQLite (results and Prefect server)"
+    )
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=8, help="runs triggered at once (default 8)")
+    parser.add_argument("--burst-pages", type=int, default=2, help="pages per burst run")
+    parser.add_argument("--burst-batch-size", type=int, default=8)
+    parser.add_argument("--sweep-documents", type=int, default=16)
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--model-cache-dir", type=Path, default=None, help="reuse converted models kept here"
+    )
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    folder = args.work_dir or Path(tempfile.mkdtemp(prefix="vramflow-resident-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    args.device_label = "cpu"
+    if args.model_cache_dir:  # the converted default model, instead of converting it again
+        (folder / "home").mkdir(exist_ok=True)
+        (folder / "home" / "models").symlink_to(args.model_cache_dir.resolve())
+    stack = Stack(folder.resolve(), args.model)
+    try:
+        stack.start()
+        sampler = Sampler(stack.worker.pid)
+        threading.Thread(target=sampler.run, daemon=True).start()
+        result = measure(stack, args, sampler)
+        sampler.stop.set()
+    finally:
+        stack.stop()
+    print_table(result, args)
+    if args.json:
+        print(json.dumps(result))
+    return 0 if result["runs_completed"] == result["runs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
