@@ -421,6 +421,7 @@ def main_role(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         VRAMFLOW_MAX_INPUT_TOKENS="384",
         VRAMFLOW_MAX_NEW_TOKENS=str(args.max_new_tokens),
         VRAMFLOW_DEVICE=args.device,
+        VRAMFLOW_INFERENCE="in-process",  # the engine in the flow's process, on this server
         PYTHONUNBUFFERED="1",
     )
     with temporary_prefect_server(work / "prefect-server") as api_url:

@@ -73,13 +73,13 @@ class Recorder:
 
 def instrument(recorder: Recorder) -> None:
     """Wrap what a batch goes through; the flow and its tasks look these up at call time."""
-    from tasks import gpu_slot, infer
+    from tasks import engine_host, gpu_slot, infer
     from vramflow import inference, pdf
 
     recorder.wrap(inference, "generate_batch", "generate")
     recorder.wrap(pdf, "extract_page", "extract")
     recorder.wrap(infer, "_claim_pages", "claim pages")
-    recorder.wrap(infer, "store_call", "store results")
+    recorder.wrap(engine_host, "store_call", "store results")
     recorder.wrap(gpu_slot, "_enter", "wait at the slot")
     recorder.wrap(gpu_slot, "_acquire", "acquire from the server")
     recorder.wrap(gpu_slot, "_release", "release to the server")
@@ -164,6 +164,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[
         VRAMFLOW_HOME=str(work / "vramflow"),
         PREFECT_HOME=str(work / "prefect"),
         VRAMFLOW_MAX_INPUT_TOKENS=str(args.max_input_tokens),
+        VRAMFLOW_INFERENCE="in-process",  # the engine in this process, on a server of its own
     )
     # Loaded here from --model-cache-dir, where the flow (which looks under its fresh home)
     # finds it in the process's cache, on the thread it uses for torch.

@@ -61,22 +61,25 @@ class FlowProcess:
 
 @dataclass
 class Sampler:
-    """Follows the Prefect worker's descendants every 50 ms until stopped."""
+    """Follows the Prefect worker's descendants every 50 ms until stopped (their memory maps,
+    to tell whether torch is loaded, every 0.5 s)."""
 
     worker_pid: int
     seen: dict[int, FlowProcess] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
+        looks = 0
         while not self.stop.wait(0.05):
             try:
                 children = psutil.Process(self.worker_pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 return
+            looks += 1
             for child in children:
-                self._sample(child)
+                self._sample(child, look_for_torch=looks % 10 == 0)
 
-    def _sample(self, child: psutil.Process) -> None:
+    def _sample(self, child: psutil.Process, look_for_torch: bool) -> None:
         try:
             found = self.seen.get(child.pid)
             if found is None:
@@ -85,7 +88,7 @@ class Sampler:
                     return  # a PDF worker of a flow run, not the flow run itself
                 found = self.seen[child.pid] = FlowProcess(child.pid, child.create_time(), run_id)
             found.peak_rss = max(found.peak_rss, child.memory_info().rss)
-            if not found.torch_loaded:
+            if look_for_torch and not found.torch_loaded:  # reading the maps costs: twice a second
                 found.torch_loaded = any("libtorch" in m.path for m in child.memory_maps())
         except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError):
             pass
@@ -124,11 +127,19 @@ class Stack:
         self.env["PREFECT_API_URL"] = self.api_url
         self._prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
         self._prefect("--no-prompt", "deploy", "--all")
+        self.api = httpx.Client(base_url=f"{self.api_url}/", timeout=30)
+        self._pause_schedules()  # no scheduled sweep among the measured runs
         self.gpu_worker = self._spawn(
             "gpu-worker", "-m", "vramflow", "gpu-worker", "--preload", self.model
         )
         self.worker = self._spawn("worker", "-m", "prefect", "worker", "start", "--pool", POOL)
-        self.api = httpx.Client(base_url=f"{self.api_url}/", timeout=30)
+
+    def _pause_schedules(self) -> None:
+        for name in ("sweep-inbox", "retry-failed"):
+            found = self._call("GET", f"deployments/name/{name}/{name}")
+            for schedule in found["schedules"]:
+                path = f"deployments/{found['id']}/schedules/{schedule['id']}"
+                self.api.patch(path, json={"active": False}).raise_for_status()
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -288,7 +299,7 @@ def measure(stack: Stack, args: argparse.Namespace, sampler: Sampler) -> dict[st
             )
         ]
     )
-    time.sleep(1.0)  # the sampler's last look at the ended processes
+    time.sleep(1.0)  # the sampler's last looks at the ended processes
     return summarize(
         stack, args, sampler, [warm, *burst, single, sweep], burst, burst_wall, single, sweep
     )
@@ -327,7 +338,7 @@ def wall_start(run: dict[str, Any]) -> float:
     return datetime.fromisoformat(run["start_time"]).timestamp()
 
 
-def print_table(result: dict[str, Any], args: argparse.Namespace) -> None:
+def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys.stdout) -> None:
     firsts = result["burst_start_to_first_call_s"]
     rows = [
         ("runs completed", f"{result['runs_completed']} / {result['runs']}"),
@@ -397,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop.set()
     finally:
         stack.stop()
-    print_table(result, args)
+    print_table(result, args, sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result))
     return 0 if result["runs_completed"] == result["runs"] else 1

@@ -106,6 +106,9 @@ def _isolate(args: argparse.Namespace) -> None:
     os.environ["VRAMFLOW_HOME"] = str(args.home / "vramflow")
     os.environ["VRAMFLOW_MAX_INPUT_TOKENS"] = str(args.max_input_tokens)
     os.environ["PREFECT_HOME"] = str(args.home / "prefect")
+    # The flow variants measure the engine in the flow's own process, also on a server of their
+    # own; benchmarks/resident.py measures GPU workers.
+    os.environ["VRAMFLOW_INFERENCE"] = "in-process"
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     for name, value in PREFECT_SERVER_DEFAULTS.items():  # for a temporary server, as the CLI
         os.environ.setdefault(name, value)

@@ -104,3 +104,18 @@ def test_handoff_timeline_reports_each_gap_between_model_calls(
     assert all(gap >= 0 for gap in summary["gaps_ms"])
     assert summary["acquired_from_server"] >= 1
     assert 0 < summary["before_first_call_seconds"] < summary["wall_seconds"]
+
+
+def test_resident_gpu_worker_serves_every_run_with_one_model_load(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    options = ["--max-new-tokens", "2", "--runs", "3", "--burst-pages", "1"]
+    options += ["--sweep-documents", "3", "--work-dir", str(tmp_path / "work")]
+    result, _ = run_json("resident.py", options, tiny_model_dir, tmp_path)
+
+    assert result["runs_completed"] == result["runs"] == 6  # warm-up, 3 at once, single, sweep
+    assert result["model_loads"] == 1
+    assert result["flow_processes"] == 6 and result["flow_processes_with_torch"] == 0
+    assert result["calls_at_once"] == 1
+    assert len(result["burst_start_to_first_call_s"]) == 3
+    assert all(seconds > 0 for seconds in result["burst_start_to_first_call_s"])

@@ -248,3 +248,18 @@ def test_serve_refuses_without_a_prefect_server(tmp_path):
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "needs a Prefect server" in done.stderr
+
+
+def test_flow_processes_import_neither_torch_nor_transformers():
+    """Flow runs send their pages to GPU workers: loading their modules must not load torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flows.process_pdf, flows.sweep_inbox, flows.retry_failed, flows.deployments;"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stderr
