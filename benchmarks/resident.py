@@ -61,7 +61,7 @@ class FlowProcess:
 
 @dataclass
 class Sampler:
-    """Follows the Prefect worker's descendants every 50 ms until stopped (their memory maps,
+    """Follows the Prefect worker's flow-run processes every 50 ms until stopped (their memory maps,
     to tell whether torch is loaded, every 0.5 s)."""
 
     worker_pid: int
@@ -72,7 +72,8 @@ class Sampler:
         looks = 0
         while not self.stop.wait(0.05):
             try:
-                children = psutil.Process(self.worker_pid).children(recursive=True)
+                # Flow-run processes are the worker's children; theirs are PDF workers.
+                children = psutil.Process(self.worker_pid).children()
             except psutil.NoSuchProcess:
                 return
             looks += 1
@@ -85,7 +86,7 @@ class Sampler:
             if found is None:
                 run_id = child.environ().get("PREFECT__FLOW_RUN_ID")
                 if run_id is None:
-                    return  # a PDF worker of a flow run, not the flow run itself
+                    return
                 found = self.seen[child.pid] = FlowProcess(child.pid, child.create_time(), run_id)
             found.peak_rss = max(found.peak_rss, child.memory_info().rss)
             if look_for_torch and not found.torch_loaded:  # reading the maps costs: twice a second
@@ -308,7 +309,11 @@ def measure(stack: Stack, args: argparse.Namespace, sampler: Sampler) -> dict[st
 def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> dict[str, Any]:
     firsts = first_calls(stack.database_url)
     procs = {p.flow_run_id: p for p in sampler.seen.values()}
-    to_first = [firsts[r["id"]] - procs[r["id"]].started for r in burst if r["id"] in procs]
+    to_first = [
+        firsts[r["id"]] - procs[r["id"]].started
+        for r in burst
+        if r["id"] in procs and r["id"] in firsts
+    ]
     intervals = calls(stack.database_url)
     sweep_start = wall_start(sweep)
     pages = 2 * args.sweep_documents
@@ -367,10 +372,11 @@ def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys
     width = max(len(name) for name, _ in rows)
     print(
         f"resident GPU worker: model {args.model}, {args.max_new_tokens} new tokens, "
-        f"device {args.device_label}, SQLite (results and Prefect server)"
+        f"device {args.device_label}, SQLite (results and Prefect server)",
+        file=out,
     )
     for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+        print(f"  {name:<{width}}  {value}", file=out)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
