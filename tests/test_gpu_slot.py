@@ -35,9 +35,7 @@ from prefect.concurrency._sync import (
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
-from tasks import gpu_slot as gpu_slot_module
 from tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
-from tasks.lease_keeper import LeaseKeeper
 from tests.support.servers import (
     REPO_ROOT,
     api_url_everywhere,
@@ -95,16 +93,10 @@ def in_threads(count: int, target: Callable[[], None], timeout: float = 120) -> 
         raise errors[0]
 
 
-def hold_and_record(
-    name: str, records: Path, out: list[Interval], holds: int, plain: bool, handoff: float = 0.0
-):
+def hold_and_record(name: str, records: Path, out: list[Interval], holds: int, plain: bool):
     def work() -> None:
         for _ in range(holds):
-            slot = (
-                concurrency(name, occupy=1)
-                if plain
-                else gpu_slot(name, records_dir=records, handoff_seconds=handoff)
-            )
+            slot = concurrency(name, occupy=1) if plain else gpu_slot(name, records_dir=records)
             with slot:
                 start = time.monotonic()
                 time.sleep(0.3)
@@ -149,22 +141,20 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, Path
         stop_process_group(process, timeout=5)
 
 
-def run_workers(
-    spawn, env, name: str, tmp: Path, *, plain: bool, handoff: float = 0.0
-) -> list[Interval]:
+def run_workers(spawn, env, name: str, tmp: Path, *, plain: bool) -> list[Interval]:
     """4 threads here and 2 subprocesses, 2 holds of 0.3 s each, all starting on one signal."""
     go, out = tmp / "go", tmp / "intervals.txt"
     workers = []
     for index in range(2):
         ready = tmp / f"ready-{index}"
-        flags = ["--out", out, "--ready", ready, "--go", go, "--handoff-seconds", handoff]
+        flags = ["--out", out, "--ready", ready, "--go", go]
         flags += ["--plain"] if plain else []
         workers.append((*spawn(env, "intervals", name, tmp / "records", *flags), ready))
     for process, log, ready in workers:
         wait_for(ready, process, log, START_TIMEOUT_S)
     here: list[Interval] = []
     go.touch()
-    in_threads(4, hold_and_record(name, tmp / "records", here, 2, plain, handoff))
+    in_threads(4, hold_and_record(name, tmp / "records", here, 2, plain))
     for process, log, _ in workers:
         assert process.wait(timeout=120) == 0, tail(log)
     there = [line.split() for line in out.read_text().splitlines()]
@@ -174,16 +164,13 @@ def run_workers(
 # --- exclusion ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("handoff", [0.0, 30.0], ids=["no-handoff", "handoff"])
-def test_missing_limit_is_created_and_no_two_holders_overlap(
-    use_prefect_server, spawn, tmp_path, handoff
-):
+def test_missing_limit_is_created_and_no_two_holders_overlap(use_prefect_server, spawn, tmp_path):
     name = unique_name("exclusive")
     with pytest.raises(ObjectNotFound):
         read_limit(name)
 
     env = clean_env(**use_prefect_server.env)
-    intervals = run_workers(spawn, env, name, tmp_path, plain=False, handoff=handoff)
+    intervals = run_workers(spawn, env, name, tmp_path, plain=False)
 
     assert len(intervals) == 12
     assert len({pid for pid, _, _ in intervals}) == 3
@@ -251,63 +238,7 @@ def test_concurrent_setup_of_a_new_limit_all_succeed(use_prefect_server):
     assert (limit.active, limit.limit) == (True, 3)
 
 
-# --- hand-off inside one process ---------------------------------------------------------------
-
-
-def waiting_threads(name: str) -> int:
-    return gpu_slot_module._gates[(name, 1)].waiting
-
-
-def hold_after(name: str, records: Path, seen: list, *, handoff: float, resident=None):
-    """A thread that waits for the slot (registered as waiting on return) and notes its hold."""
-
-    def run() -> None:
-        with gpu_slot(
-            name, records_dir=records, handoff_seconds=handoff, resident=resident
-        ) as hold:
-            seen.append(("held", hold, read_limit(name).active_slots))
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
-    thread.start()
-    wait_until(lambda: waiting_threads(name) == 1)
-    return thread
-
-
-def test_a_waiting_thread_gets_the_lease_without_the_server_and_the_weights_stay(
-    use_prefect_server, tmp_path
-):
-    name, seen = unique_name("handoff"), []
-    first_resident = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    second_resident = gpu_slot_module.Resident("model-a", lambda: seen.append("evict b"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30, resident=first_resident) as first:
-        thread = hold_after(name, tmp_path, seen, handoff=30, resident=second_resident)
-    thread.join(60)
-
-    (_, second, active_while_second), evicted = seen
-    assert second.handed_over and not first.handed_over
-    assert second.lease_id == first.lease_id and active_while_second == 1
-    # The first hold's end is stamped before the lease passes on: stored holds never overlap.
-    assert first.released_at is not None and first.released_at <= second.acquired_at
-    # Same key: the first holder's weights stay for the second; the second's leave at the end.
-    assert evicted == "evict b"
-    assert read_limit(name).active_slots == 0
-    assert list((tmp_path / name).glob("*.json")) == []
-
-
-def test_another_resident_is_evicted_before_the_next_holder_starts(use_prefect_server, tmp_path):
-    name, seen = unique_name("evict"), []
-    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    model_b = gpu_slot_module.Resident("model-b", lambda: seen.append("evict b"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30, resident=model_a):
-        thread = hold_after(name, tmp_path, seen, handoff=30, resident=model_b)
-    thread.join(60)
-
-    assert [entry if isinstance(entry, str) else entry[0] for entry in seen] == [
-        "evict a",
-        "held",
-        "evict b",
-    ]
-    assert seen[1][1].handed_over
+# --- turns between processes of this host ----------------------------------------------------
 
 
 @pytest.fixture
@@ -327,61 +258,30 @@ def another_waiting_process(tmp_path: Path) -> Iterator[Callable[[str], None]]:
     sleeper.wait()
 
 
-# A hand-off window every lease has outgrown by the time its holder leaves (a hold takes well
-# over a microsecond); 0 would turn hand-offs off.
-OLD_AT_ONCE = 1e-6
-
-
-def second_hold_after_first(name: str, records: Path, handoff: float, seen: list):
-    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    with gpu_slot(name, records_dir=records, handoff_seconds=handoff, resident=model_a) as first:
-        thread = hold_after(name, records, seen, handoff=handoff)
-    thread.join(60)
-    return first
-
-
-def test_without_handoff_the_slot_goes_back_to_the_server_first(use_prefect_server, tmp_path):
-    name, seen = unique_name("no-handoff"), []
-    first = second_hold_after_first(name, tmp_path, 0.0, seen)
-
-    evicted, (_, second, _) = seen
-    assert evicted == "evict a"
-    assert not second.handed_over and second.lease_id != first.lease_id
-    assert read_limit(name).active_slots == 0
-
-
-def test_an_old_lease_still_passes_on_when_no_other_process_waits(use_prefect_server, tmp_path):
-    name, seen = unique_name("old-alone"), []
-    first = second_hold_after_first(name, tmp_path, OLD_AT_ONCE, seen)
-
-    evicted, (_, second, _) = seen  # the second holder leaves nothing: the device is cleared
-    assert second.handed_over and second.lease_id == first.lease_id
-    assert evicted == "evict a"
-
-
-def test_an_old_lease_goes_back_when_another_process_waits(
+def test_a_process_that_waited_longer_asks_the_server_first(
     use_prefect_server, tmp_path, another_waiting_process
 ):
-    name, seen = unique_name("old-shared"), []
-    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=OLD_AT_ONCE, resident=model_a):
-        thread = hold_after(name, tmp_path, seen, handoff=OLD_AT_ONCE)
-        another_waiting_process(name)  # it waited longer than our second thread
-    # The slot went back to the server, and our waiter lets the process ahead of it ask first:
-    # it stays in line while that process (which never asks) waits.
-    wait_until(lambda: read_limit(name).active_slots == 0)
-    assert seen == ["evict a"] and thread.is_alive()
+    name = unique_name("in-line")
+    ensure_slot_limit(name, 1)
+    another_waiting_process(name)  # alive, waiting since a minute ago, and never asking
+
+    # The slot is free on the server, but the process ahead in line is to have it first.
+    with (
+        pytest.raises(SlotError, match="stayed taken"),
+        gpu_slot(name, wait_seconds=1.5, records_dir=tmp_path),
+    ):
+        pytest.fail("asked the server while a process that waited longer stood in line")
+    assert read_limit(name).active_slots == 0
     for marker in (tmp_path / name / "waiting").glob("*.json"):
-        if marker.stem != str(os.getpid()):
-            marker.unlink()  # the other process leaves the line
-    thread.join(60)
-    assert seen[1][0] == "held" and not seen[1][1].handed_over
+        marker.unlink()  # that process leaves the line
+    with gpu_slot(name, wait_seconds=5, records_dir=tmp_path):
+        assert read_limit(name).active_slots == 1
 
 
 def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
     use_prefect_server, spawn, tmp_path
 ):
-    """Threads here keep the slot busy with hand-offs; a second process still gets its turn."""
+    """Threads here keep taking the slot one after another; a second process gets its turn."""
     name, records, marker = unique_name("fair"), tmp_path / "records", tmp_path / "taken.json"
     ensure_slot_limit(name, 1)
     holds: list[Interval] = []
@@ -389,7 +289,7 @@ def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
     def keep_busy() -> None:
         deadline = time.monotonic() + 120
         while not marker.exists() and time.monotonic() < deadline:
-            with gpu_slot(name, records_dir=records, handoff_seconds=0.5):
+            with gpu_slot(name, records_dir=records):
                 start = time.monotonic()
                 time.sleep(0.1)
                 holds.append((os.getpid(), start, time.monotonic()))
@@ -408,29 +308,9 @@ def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
         thread.join(60)
 
     taken = json.loads(marker.read_text())
-    # Behind a 0.5 s hand-off window, a 0.1 s hold and the 0.25 s poll of the first in line.
+    # Behind a 0.1 s hold and the 0.25 s poll of the first in line.
     assert taken["wait_seconds"] < 3.0, taken
     assert len(holds) >= 4
-
-
-def test_a_waiter_that_gives_up_releases_the_lease_parked_for_it(monkeypatch, tmp_path):
-    gate = gpu_slot_module._Gate(1)
-    lease_id = uuid.uuid4()
-    parked = gpu_slot_module._Lease(lease_id, time.monotonic(), LeaseKeeper(lease_id, 60))
-    released = []
-
-    def give_up(semaphore, name, deadline):
-        # The holder leaves while this waiter is still counted as waiting, then its time is up.
-        assert gpu_slot_module._park(gate, parked, 30, tmp_path, "slot")
-        raise SlotError("gave up")
-
-    monkeypatch.setattr(gpu_slot_module, "_wait_for", give_up)
-    monkeypatch.setattr(
-        gpu_slot_module, "_release", lambda name, lease, records: released.append(lease)
-    )
-    with pytest.raises(SlotError):
-        gpu_slot_module._enter(gate, "slot", None, tmp_path)
-    assert released == [parked] and gate.parked == [] and gate.waiting == 0
 
 
 # --- holding, waiting and errors ---------------------------------------------------------------
