@@ -47,6 +47,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
 
 from tasks.lease_keeper import LeaseKeeper
+from tasks.prefect_private import send_once
 from vramflow import slot_records
 from vramflow.errors import ConfigError, SlotError
 
@@ -206,12 +207,8 @@ def _try_increment(client: SyncPrefectClient, name: str, lease_seconds: float) -
     holder = _current_holder()
     if holder is not None:
         body["holder"] = holder.model_dump(mode="json")
-    http = client._client
-    request = http.build_request("POST", "/v2/concurrency_limits/increment-with-lease", json=body)
-    # httpx.Client.send, not Prefect's subclass: Prefect retries a 503 after a 2 s back-off,
-    # and the server answers 503 whenever its SQLite write is busy, so every hand-off would
-    # leave the GPU idle for 2 s. A 503 here is just "ask again", like a 423.
-    response = httpx.Client.send(http, request)
+    # Not retried by Prefect's client (a 2 s back-off): a 503 here is "ask again", like a 423.
+    response = send_once(client, "POST", "/v2/concurrency_limits/increment-with-lease", body)
     if response.status_code == 423:
         logger.debug("slot %s is taken", name)
         return _Answer(retry_after=float(response.headers.get("Retry-After", 1.0)))

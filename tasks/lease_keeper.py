@@ -5,8 +5,8 @@ thread and an HTTP client, and renews at once on entry (a grant has just set the
 
 A `LeaseKeeper` starts when the server grants the lease and stops when the lease goes back. It
 renews on a timer, never at once, and if a renewal fails, the slot is no longer reserved: the
-holder is cancelled like Prefect cancels it, and a holder entering after the failure is refused
-the lease.
+holder is cancelled like Prefect cancels it (`tasks.prefect_private.cancel_scope`), and a holder
+entering after the failure is refused the lease.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from uuid import UUID
 
 import httpx
-from prefect._internal.concurrency.cancellation import WatcherThreadCancelScope
 from prefect.client.orchestration import get_client
 
+from tasks.prefect_private import CancelScope, cancel_scope
 from vramflow.errors import SlotError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class LeaseKeeper:
         self._every = lease_seconds * RENEWAL_FRACTION if every_seconds is None else every_seconds
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the two below
-        self._holder: WatcherThreadCancelScope | None = None
+        self._holder: CancelScope | None = None
         self.failure: BaseException | None = None
         self.renewals = 0
         # The renewals reach the API the acquiring thread reached, through its settings context.
@@ -78,7 +78,7 @@ class LeaseKeeper:
     def holding(self) -> Iterator[None]:
         """The block of one holder: a renewal failure during it cancels it (Prefect's cancel
         scope throws into this thread); entering it after a failure raises `LeaseLost`."""
-        with WatcherThreadCancelScope(name=f"slot lease {self.lease_id}") as scope:
+        with cancel_scope(f"slot lease {self.lease_id}") as scope:
             with self._lock:
                 if self.failure is not None:
                     raise LeaseLost(f"lease {self.lease_id} was lost: {self.failure}")

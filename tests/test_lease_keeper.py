@@ -9,7 +9,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import pytest
-from prefect._internal.concurrency.cancellation import CancelledError
 from prefect.concurrency._sync import (
     acquire_concurrency_slots_with_lease,
     release_concurrency_slots_with_lease,
@@ -18,6 +17,7 @@ from prefect.concurrency._sync import (
 from tasks import lease_keeper
 from tasks.gpu_slot import ensure_slot_limit, gpu_slot
 from tasks.lease_keeper import LeaseKeeper, LeaseLost
+from tasks.prefect_private import CancelledError
 from tests.support.slots import read_limit, unique_name, wait_until
 
 QUICK = 0.05  # seconds between renewals in these tests (in use: 45 s of a 60 s lease)
