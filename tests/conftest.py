@@ -9,7 +9,6 @@ pytest_plugins = [
 ]
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def _inference_in_process():
     """Flows under test answer their batches in their own process (the embedded default), also
