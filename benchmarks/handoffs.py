@@ -80,7 +80,7 @@ def instrument(recorder: Recorder) -> None:
     recorder.wrap(pdf, "extract_page", "extract")
     recorder.wrap(infer, "_claim_pages", "claim pages")
     recorder.wrap(engine_host, "store_call", "store results")
-    recorder.wrap(gpu_slot, "_enter", "wait at the slot")
+    recorder.wrap(gpu_slot, "_wait_for", "wait at the slot")
     recorder.wrap(gpu_slot, "_acquire", "acquire from the server")
     recorder.wrap(gpu_slot, "_release", "release to the server")
     answer = gpu_slot._try_increment
@@ -126,8 +126,8 @@ def report(summary: dict[str, Any], events: list[Event], started: float, timelin
             f"max {summary['gap_max_ms']:.1f}"
         )
     lines.append(
-        f"slot: {summary['acquired_from_server']} acquisition(s) from the server (the rest "
-        f"handed over), {summary['busy_answers']} busy (503) and {summary['taken_answers']} "
+        f"slot: {summary['acquired_from_server']} acquisition(s) from the server, "
+        f"{summary['busy_answers']} busy (503) and {summary['taken_answers']} "
         "taken (423) answers"
     )
     if timeline:

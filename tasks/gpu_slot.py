@@ -3,23 +3,19 @@
 `gpu_slot` makes sure the limit exists, is active, has the right size and does not decay before
 every acquisition, and again each time it finds the slot taken (Prefect silently runs unlimited
 when the limit is missing or inactive); a request the busy server answered with 503 is simply
-made again. It frees the slots
-of holders on this host that died without releasing (recorded by `vramflow.slot_records`), takes
-one slot with a lease that is renewed while the slot stays in this process
-(`tasks.lease_keeper`), and releases it when the block ends.
+made again. It frees the slots of holders on this host that died without releasing (recorded by
+`vramflow.slot_records`), takes one slot with a lease that is renewed while it is held
+(`tasks.lease_keeper`), and gives it back to the server when the block ends.
 
-Inside one process a semaphore of `size` per slot name sits in front of the server, and a lock
-lets only one thread at a time poll the server; a release in this process wakes the poller at
-once instead of after the server's Retry-After.
-
-Hand-off: when a holder leaves while another thread of this process waits for the same slot, the
-lease is passed on instead of going back to the server (no round trip, and what the holder left
-on the device, such as the weights, can stay there). Once the lease is `handoff_seconds` old it
-goes back to the server instead if another process of this host waits for the slot.
+In a process, the engine of a device (`vramflow.engine`) holds the slot while pages wait. Other
+threads may ask for the same slot too (several engines, tests): a semaphore of `size` per slot
+name sits in front of the server, a lock lets only one thread at a time poll the server, and a
+release in this process wakes the poller at once instead of after the server's Retry-After.
 
 Fairness: Prefect's limits keep no queue, and a freed slot would nearly always go back to the
 process that freed it. Processes of this host waiting for a slot stand in line (marker files,
-`vramflow.slot_records.waiting_line`); only the one that has waited longest asks the server.
+`vramflow.slot_records.waiting_line`); only the one that has waited longest asks the server,
+and a holder sees that another process waits (`slot_records.others_waiting`) to yield to it.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,6 +47,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
 
 from tasks.lease_keeper import LeaseKeeper
+from tasks.prefect_private import send_once
 from vramflow import slot_records
 from vramflow.errors import ConfigError, SlotError
 
@@ -77,41 +74,17 @@ class SlotHold:
     lease_id: UUID
     wait_seconds: float
     acquired_at: datetime
-    handed_over: bool = False  # taken from a holder of this process, not from the server
-    # When the holder left, taken before the slot can pass to anyone else (what it left on the
-    # device is moved off after this, still inside the slot).
     released_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class Resident:
-    """What a holder leaves on the device for as long as the slot stays in this process.
-
-    `key` names it (a holder with the same key finds it in place); `evict` takes it off the
-    device and runs before a holder with another key starts or the slot goes back to the server.
-    """
-
-    key: Hashable
-    evict: Callable[[], object]
-
-
-@dataclass
-class _Lease:
-    lease_id: UUID
-    granted: float  # time.monotonic() when the server granted it
-    keeper: LeaseKeeper  # renews it until it goes back to the server
-    resident: Resident | None = None
 
 
 @dataclass
 class _Gate:
+    """This process's threads in front of one slot."""
+
     size: int
     holders: threading.Semaphore = field(init=False)
     poll: threading.Lock = field(default_factory=threading.Lock)
     released: threading.Event = field(default_factory=threading.Event)
-    state: threading.Lock = field(default_factory=threading.Lock)  # guards the two below
-    waiting: int = 0  # threads of this process waiting for `holders`
-    parked: list[_Lease] = field(default_factory=list)  # ours, between two holders
 
     def __post_init__(self) -> None:
         self.holders = threading.Semaphore(self.size)
@@ -135,13 +108,9 @@ def gpu_slot(
     lease_seconds: float = 60,
     wait_seconds: float | None = None,
     records_dir: Path,
-    handoff_seconds: float = 0.0,
-    resident: Resident | None = None,
 ) -> Iterator[SlotHold]:
     """Hold one slot of the limit `name` (created with `size` slots if missing) for the block.
 
-    With `handoff_seconds` > 0 the slot may go straight to a waiting thread of this process
-    (see the module docstring); `resident` says what this holder leaves on the device then.
     Raises `SlotError` if the Prefect API cannot be reached, the limit cannot be enforced, or no
     slot frees up within `wait_seconds` (None: wait for as long as it takes).
     """
@@ -151,99 +120,27 @@ def gpu_slot(
     deadline = None if wait_seconds is None else asked + wait_seconds
     records = Path(records_dir)
     gate = _gate(name, size)
-    parked = _enter(gate, name, deadline, records)
+    _wait_for(gate.holders, name, deadline)
     try:
-        if parked is not None and parked.keeper.lost:
-            # Its renewal failed while it waited here: the server may have given it away.
-            _release(name, parked, records)
-            parked = None
-        if parked is None:
-            with _held(gate.poll, name, deadline):
-                lease_id = _acquire(name, size, lease_seconds, deadline, records, gate)
-            lease = _Lease(lease_id, time.monotonic(), LeaseKeeper(lease_id, lease_seconds))
-        else:
-            lease = parked
+        with _held(gate.poll, name, deadline):
+            lease_id = _acquire(name, size, lease_seconds, deadline, records, gate)
+        keeper = LeaseKeeper(lease_id, lease_seconds)
         held_since = time.monotonic()
         hold: SlotHold | None = None
         try:
-            if parked is None:
-                lease.keeper.start()
-            if lease.resident is not None and (
-                resident is None or lease.resident.key != resident.key
-            ):
-                _evict(lease)
-            lease.resident = resident
-            hold = SlotHold(
-                name,
-                lease.lease_id,
-                held_since - asked,
-                datetime.now(timezone.utc),
-                handed_over=parked is not None,
-            )
+            keeper.start()
+            hold = SlotHold(name, lease_id, held_since - asked, datetime.now(timezone.utc))
             logger.info("holding slot %s after waiting %.2f s", name, hold.wait_seconds)
-            with lease.keeper.holding():
+            with keeper.holding():
                 yield hold
         finally:
             if hold is not None:
                 hold.released_at = datetime.now(timezone.utc)
-            if not _park(gate, lease, handoff_seconds, records, name):
-                _release(name, lease, records)
-                gate.released.set()
+            _release(name, lease_id, keeper, records)
+            gate.released.set()
             logger.info("left slot %s after holding %.2f s", name, time.monotonic() - held_since)
     finally:
         gate.holders.release()
-
-
-def _enter(gate: _Gate, name: str, deadline: float | None, records: Path) -> _Lease | None:
-    """Wait for this process's turn; returns a lease a holder of this process left, if any."""
-    with gate.state:
-        gate.waiting += 1
-    try:
-        _wait_for(gate.holders, name, deadline)
-    except BaseException:
-        with gate.state:
-            gate.waiting -= 1
-            unclaimed = gate.parked[gate.waiting :]
-            del gate.parked[gate.waiting :]
-        for lease in unclaimed:  # parked for us, and we are not coming
-            _release(name, lease, records)
-        raise
-    # Taking the turn and the parked lease in one step: a waiter giving up meanwhile must not
-    # see a lease without its taker and release it.
-    with gate.state:
-        gate.waiting -= 1
-        return gate.parked.pop() if gate.parked else None
-
-
-def _park(gate: _Gate, lease: _Lease, handoff_seconds: float, records: Path, name: str) -> bool:
-    """Keep `lease` for a waiting thread of this process, if one waits, unless the lease is
-    older than `handoff_seconds` and another process of this host waits for the slot."""
-    if handoff_seconds <= 0 or lease.keeper.lost:
-        return False
-    with gate.state:
-        if gate.waiting <= len(gate.parked):
-            return False
-    if time.monotonic() - lease.granted >= handoff_seconds and _others_waiting(records, name):
-        return False
-    with gate.state:
-        if gate.waiting <= len(gate.parked):
-            return False
-        gate.parked.append(lease)
-        return True
-
-
-def _others_waiting(records: Path, name: str) -> bool:
-    try:
-        return slot_records.others_waiting(records, name)
-    except Exception as exc:  # never keep the slot (or leak it) over an unreadable line
-        logger.warning("cannot read the waiting line of %s (%s): giving the slot back", name, exc)
-        return True
-
-
-def _evict(lease: _Lease) -> None:
-    resident, lease.resident = lease.resident, None
-    if resident is not None:
-        resident.evict()
 
 
 def _acquire(
@@ -310,12 +207,8 @@ def _try_increment(client: SyncPrefectClient, name: str, lease_seconds: float) -
     holder = _current_holder()
     if holder is not None:
         body["holder"] = holder.model_dump(mode="json")
-    http = client._client
-    request = http.build_request("POST", "/v2/concurrency_limits/increment-with-lease", json=body)
-    # httpx.Client.send, not Prefect's subclass: Prefect retries a 503 after a 2 s back-off,
-    # and the server answers 503 whenever its SQLite write is busy, so every hand-off would
-    # leave the GPU idle for 2 s. A 503 here is just "ask again", like a 423.
-    response = httpx.Client.send(http, request)
+    # Not retried by Prefect's client (a 2 s back-off): a 503 here is "ask again", like a 423.
+    response = send_once(client, "POST", "/v2/concurrency_limits/increment-with-lease", body)
     if response.status_code == 423:
         logger.debug("slot %s is taken", name)
         return _Answer(retry_after=float(response.headers.get("Retry-After", 1.0)))
@@ -350,22 +243,19 @@ def _give_back(lease_id: UUID) -> None:
         client.release_concurrency_slots_with_lease(lease_id)
 
 
-def _release(name: str, lease: _Lease, records_dir: Path) -> None:
-    """Clear the device of what the last holder left, then give the slot back to the server."""
-    lease.keeper.stop()
+def _release(name: str, lease_id: UUID, keeper: LeaseKeeper, records_dir: Path) -> None:
+    """Stop renewing the lease, then give the slot back to the server."""
+    keeper.stop()
+    # The record goes first: a record that exists always means an unreleased slot, so a holder
+    # dying between the two steps can leak its slot but never have it freed twice.
+    if not slot_records.remove_record(records_dir, name, lease_id):
+        logger.error("slot %s was already freed as a dead holder's; not releasing it", name)
+        return
     try:
-        _evict(lease)
-    finally:
-        # The record goes first: a record that exists always means an unreleased slot, so a
-        # holder dying between the two steps can leak its slot but never have it freed twice.
-        if not slot_records.remove_record(records_dir, name, lease.lease_id):
-            logger.error("slot %s was already freed as a dead holder's; not releasing it", name)
-        else:
-            try:
-                with _api_errors():
-                    _give_back(lease.lease_id)
-            except SlotError as exc:
-                logger.error("could not release slot %s (its lease will expire): %s", name, exc)
+        with _api_errors():
+            _give_back(lease_id)
+    except SlotError as exc:
+        logger.error("could not release slot %s (its lease will expire): %s", name, exc)
 
 
 def _ensure(client: SyncPrefectClient, name: str, size: int) -> GlobalConcurrencyLimitResponse:

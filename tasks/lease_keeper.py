@@ -1,15 +1,12 @@
-"""Keep a GPU slot's lease alive for as long as it stays in this process.
+"""Keep a GPU slot's lease alive for as long as it is held.
 
 Prefect's `maintain_concurrency_lease` renews a lease for the length of one block: it starts a
-thread and renews at once on entry, and joins that thread on exit. The GPU slot passes from one
-batch of a process to the next without going back to the server, so that cost came with every
-batch: a thread, an HTTP client and a renewal request each time, and up to a round trip more
-on exit while a renewal was in flight (16 pages at batch size 1: 1-7 ms of each hand-off).
+thread and an HTTP client, and renews at once on entry (a grant has just set the expiry).
 
 A `LeaseKeeper` starts when the server grants the lease and stops when the lease goes back. It
-renews on a timer, never at once (a grant or a renewal has just set the expiry), and if a
-renewal fails, the slot is no longer reserved: the holder of that moment is cancelled like
-Prefect cancels it, and whoever takes the lease next is refused it.
+renews on a timer, never at once, and if a renewal fails, the slot is no longer reserved: the
+holder is cancelled like Prefect cancels it (`tasks.prefect_private.cancel_scope`), and a holder
+entering after the failure is refused the lease.
 """
 
 from __future__ import annotations
@@ -22,9 +19,9 @@ from contextlib import contextmanager
 from uuid import UUID
 
 import httpx
-from prefect._internal.concurrency.cancellation import WatcherThreadCancelScope
 from prefect.client.orchestration import get_client
 
+from tasks.prefect_private import CancelScope, cancel_scope
 from vramflow.errors import SlotError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +49,7 @@ class LeaseKeeper:
         self._every = lease_seconds * RENEWAL_FRACTION if every_seconds is None else every_seconds
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards the two below
-        self._holder: WatcherThreadCancelScope | None = None
+        self._holder: CancelScope | None = None
         self.failure: BaseException | None = None
         self.renewals = 0
         # The renewals reach the API the acquiring thread reached, through its settings context.
@@ -64,7 +61,7 @@ class LeaseKeeper:
     def start(self) -> None:
         try:
             self._thread.start()
-        except BaseException as exc:  # not renewed: never to be handed over as if it were
+        except BaseException as exc:  # not renewed: never to be held as if it were
             self.failure = exc
             raise
 
@@ -81,7 +78,7 @@ class LeaseKeeper:
     def holding(self) -> Iterator[None]:
         """The block of one holder: a renewal failure during it cancels it (Prefect's cancel
         scope throws into this thread); entering it after a failure raises `LeaseLost`."""
-        with WatcherThreadCancelScope(name=f"slot lease {self.lease_id}") as scope:
+        with cancel_scope(f"slot lease {self.lease_id}") as scope:
             with self._lock:
                 if self.failure is not None:
                     raise LeaseLost(f"lease {self.lease_id} was lost: {self.failure}")

@@ -1,4 +1,5 @@
-"""The GPU slot against real Prefect servers: exclusion, limit repair, errors, dead holders.
+"""The GPU slot against real Prefect servers: exclusion, limit repair, turns, errors, dead
+holders (tests/test_slot_records.py: the records and the waiting line themselves).
 
 Holders record (start, end) on `time.monotonic()` (one clock for all processes on Linux) inside
 the slot; two overlapping intervals mean two holders at once.
@@ -7,7 +8,6 @@ the slot; two overlapping intervals mean two holders at once.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import json
 import os
 import signal
@@ -15,12 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
@@ -35,9 +33,7 @@ from prefect.concurrency._sync import (
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
-from tasks import gpu_slot as gpu_slot_module
 from tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
-from tasks.lease_keeper import LeaseKeeper
 from tests.support.servers import (
     REPO_ROOT,
     api_url_everywhere,
@@ -46,7 +42,7 @@ from tests.support.servers import (
     stop_process_group,
     tail,
 )
-from tests.support.slots import read_limit, unique_name, wait_until
+from tests.support.slots import in_threads, read_limit, unique_name, wait_until
 from vramflow import slot_records
 from vramflow.errors import SlotError
 
@@ -71,40 +67,10 @@ def find_overlaps(intervals: list[Interval]) -> list[tuple[Interval, Interval]]:
     return overlaps
 
 
-def in_threads(count: int, target: Callable[[], None], timeout: float = 120) -> None:
-    """Run `target` in `count` threads (each with a copy of this context); re-raise a failure."""
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(count)
-
-    def run() -> None:
-        try:
-            barrier.wait(timeout=30)
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=contextvars.copy_context().run, args=(run,)) for _ in range(count)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a worker thread is stuck"
-    if errors:
-        raise errors[0]
-
-
-def hold_and_record(
-    name: str, records: Path, out: list[Interval], holds: int, plain: bool, handoff: float = 0.0
-):
+def hold_and_record(name: str, records: Path, out: list[Interval], holds: int, plain: bool):
     def work() -> None:
         for _ in range(holds):
-            slot = (
-                concurrency(name, occupy=1)
-                if plain
-                else gpu_slot(name, records_dir=records, handoff_seconds=handoff)
-            )
+            slot = concurrency(name, occupy=1) if plain else gpu_slot(name, records_dir=records)
             with slot:
                 start = time.monotonic()
                 time.sleep(0.3)
@@ -149,22 +115,20 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen, Path
         stop_process_group(process, timeout=5)
 
 
-def run_workers(
-    spawn, env, name: str, tmp: Path, *, plain: bool, handoff: float = 0.0
-) -> list[Interval]:
+def run_workers(spawn, env, name: str, tmp: Path, *, plain: bool) -> list[Interval]:
     """4 threads here and 2 subprocesses, 2 holds of 0.3 s each, all starting on one signal."""
     go, out = tmp / "go", tmp / "intervals.txt"
     workers = []
     for index in range(2):
         ready = tmp / f"ready-{index}"
-        flags = ["--out", out, "--ready", ready, "--go", go, "--handoff-seconds", handoff]
+        flags = ["--out", out, "--ready", ready, "--go", go]
         flags += ["--plain"] if plain else []
         workers.append((*spawn(env, "intervals", name, tmp / "records", *flags), ready))
     for process, log, ready in workers:
         wait_for(ready, process, log, START_TIMEOUT_S)
     here: list[Interval] = []
     go.touch()
-    in_threads(4, hold_and_record(name, tmp / "records", here, 2, plain, handoff))
+    in_threads(4, hold_and_record(name, tmp / "records", here, 2, plain))
     for process, log, _ in workers:
         assert process.wait(timeout=120) == 0, tail(log)
     there = [line.split() for line in out.read_text().splitlines()]
@@ -174,16 +138,13 @@ def run_workers(
 # --- exclusion ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("handoff", [0.0, 30.0], ids=["no-handoff", "handoff"])
-def test_missing_limit_is_created_and_no_two_holders_overlap(
-    use_prefect_server, spawn, tmp_path, handoff
-):
+def test_missing_limit_is_created_and_no_two_holders_overlap(use_prefect_server, spawn, tmp_path):
     name = unique_name("exclusive")
     with pytest.raises(ObjectNotFound):
         read_limit(name)
 
     env = clean_env(**use_prefect_server.env)
-    intervals = run_workers(spawn, env, name, tmp_path, plain=False, handoff=handoff)
+    intervals = run_workers(spawn, env, name, tmp_path, plain=False)
 
     assert len(intervals) == 12
     assert len({pid for pid, _, _ in intervals}) == 3
@@ -251,137 +212,13 @@ def test_concurrent_setup_of_a_new_limit_all_succeed(use_prefect_server):
     assert (limit.active, limit.limit) == (True, 3)
 
 
-# --- hand-off inside one process ---------------------------------------------------------------
-
-
-def waiting_threads(name: str) -> int:
-    return gpu_slot_module._gates[(name, 1)].waiting
-
-
-def hold_after(name: str, records: Path, seen: list, *, handoff: float, resident=None):
-    """A thread that waits for the slot (registered as waiting on return) and notes its hold."""
-
-    def run() -> None:
-        with gpu_slot(
-            name, records_dir=records, handoff_seconds=handoff, resident=resident
-        ) as hold:
-            seen.append(("held", hold, read_limit(name).active_slots))
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
-    thread.start()
-    wait_until(lambda: waiting_threads(name) == 1)
-    return thread
-
-
-def test_a_waiting_thread_gets_the_lease_without_the_server_and_the_weights_stay(
-    use_prefect_server, tmp_path
-):
-    name, seen = unique_name("handoff"), []
-    first_resident = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    second_resident = gpu_slot_module.Resident("model-a", lambda: seen.append("evict b"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30, resident=first_resident) as first:
-        thread = hold_after(name, tmp_path, seen, handoff=30, resident=second_resident)
-    thread.join(60)
-
-    (_, second, active_while_second), evicted = seen
-    assert second.handed_over and not first.handed_over
-    assert second.lease_id == first.lease_id and active_while_second == 1
-    # The first hold's end is stamped before the lease passes on: stored holds never overlap.
-    assert first.released_at is not None and first.released_at <= second.acquired_at
-    # Same key: the first holder's weights stay for the second; the second's leave at the end.
-    assert evicted == "evict b"
-    assert read_limit(name).active_slots == 0
-    assert list((tmp_path / name).glob("*.json")) == []
-
-
-def test_another_resident_is_evicted_before_the_next_holder_starts(use_prefect_server, tmp_path):
-    name, seen = unique_name("evict"), []
-    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    model_b = gpu_slot_module.Resident("model-b", lambda: seen.append("evict b"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=30, resident=model_a):
-        thread = hold_after(name, tmp_path, seen, handoff=30, resident=model_b)
-    thread.join(60)
-
-    assert [entry if isinstance(entry, str) else entry[0] for entry in seen] == [
-        "evict a",
-        "held",
-        "evict b",
-    ]
-    assert seen[1][1].handed_over
-
-
-@pytest.fixture
-def another_waiting_process(tmp_path: Path) -> Iterator[Callable[[str], None]]:
-    """Put a live process of this host in the waiting line of a slot, ahead of this one."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-
-    def stand_in_line(name: str) -> None:
-        folder = tmp_path / name / "waiting"
-        folder.mkdir(parents=True, exist_ok=True)
-        create_time = psutil.Process(sleeper.pid).create_time()
-        waiter = slot_records.Waiter(sleeper.pid, create_time, time.time() - 60)
-        (folder / f"{sleeper.pid}.json").write_text(json.dumps(dataclasses.asdict(waiter)))
-
-    yield stand_in_line
-    sleeper.kill()
-    sleeper.wait()
-
-
-# A hand-off window every lease has outgrown by the time its holder leaves (a hold takes well
-# over a microsecond); 0 would turn hand-offs off.
-OLD_AT_ONCE = 1e-6
-
-
-def second_hold_after_first(name: str, records: Path, handoff: float, seen: list):
-    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    with gpu_slot(name, records_dir=records, handoff_seconds=handoff, resident=model_a) as first:
-        thread = hold_after(name, records, seen, handoff=handoff)
-    thread.join(60)
-    return first
-
-
-def test_without_handoff_the_slot_goes_back_to_the_server_first(use_prefect_server, tmp_path):
-    name, seen = unique_name("no-handoff"), []
-    first = second_hold_after_first(name, tmp_path, 0.0, seen)
-
-    evicted, (_, second, _) = seen
-    assert evicted == "evict a"
-    assert not second.handed_over and second.lease_id != first.lease_id
-    assert read_limit(name).active_slots == 0
-
-
-def test_an_old_lease_still_passes_on_when_no_other_process_waits(use_prefect_server, tmp_path):
-    name, seen = unique_name("old-alone"), []
-    first = second_hold_after_first(name, tmp_path, OLD_AT_ONCE, seen)
-
-    evicted, (_, second, _) = seen  # the second holder leaves nothing: the device is cleared
-    assert second.handed_over and second.lease_id == first.lease_id
-    assert evicted == "evict a"
-
-
-def test_an_old_lease_goes_back_when_another_process_waits(
-    use_prefect_server, tmp_path, another_waiting_process
-):
-    name, seen = unique_name("old-shared"), []
-    model_a = gpu_slot_module.Resident("model-a", lambda: seen.append("evict a"))
-    with gpu_slot(name, records_dir=tmp_path, handoff_seconds=OLD_AT_ONCE, resident=model_a):
-        thread = hold_after(name, tmp_path, seen, handoff=OLD_AT_ONCE)
-        another_waiting_process(name)  # it waited longer than our second thread
-    # The slot went back to the server, and our waiter lets the process ahead of it ask first:
-    # it stays in line while that process (which never asks) waits.
-    wait_until(lambda: read_limit(name).active_slots == 0)
-    assert seen == ["evict a"] and thread.is_alive()
-    for marker in (tmp_path / name / "waiting").glob("*.json"):
-        if marker.stem != str(os.getpid()):
-            marker.unlink()  # the other process leaves the line
-    thread.join(60)
-    assert seen[1][0] == "held" and not seen[1][1].handed_over
+# --- turns between processes of this host ----------------------------------------------------
 
 
 def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
     use_prefect_server, spawn, tmp_path
 ):
-    """Threads here keep the slot busy with hand-offs; a second process still gets its turn."""
+    """Threads here keep taking the slot one after another; a second process gets its turn."""
     name, records, marker = unique_name("fair"), tmp_path / "records", tmp_path / "taken.json"
     ensure_slot_limit(name, 1)
     holds: list[Interval] = []
@@ -389,7 +226,7 @@ def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
     def keep_busy() -> None:
         deadline = time.monotonic() + 120
         while not marker.exists() and time.monotonic() < deadline:
-            with gpu_slot(name, records_dir=records, handoff_seconds=0.5):
+            with gpu_slot(name, records_dir=records):
                 start = time.monotonic()
                 time.sleep(0.1)
                 holds.append((os.getpid(), start, time.monotonic()))
@@ -408,29 +245,9 @@ def test_a_process_waiting_longer_gets_the_slot_from_a_busy_process(
         thread.join(60)
 
     taken = json.loads(marker.read_text())
-    # Behind a 0.5 s hand-off window, a 0.1 s hold and the 0.25 s poll of the first in line.
+    # Behind a 0.1 s hold and the 0.25 s poll of the first in line.
     assert taken["wait_seconds"] < 3.0, taken
     assert len(holds) >= 4
-
-
-def test_a_waiter_that_gives_up_releases_the_lease_parked_for_it(monkeypatch, tmp_path):
-    gate = gpu_slot_module._Gate(1)
-    lease_id = uuid.uuid4()
-    parked = gpu_slot_module._Lease(lease_id, time.monotonic(), LeaseKeeper(lease_id, 60))
-    released = []
-
-    def give_up(semaphore, name, deadline):
-        # The holder leaves while this waiter is still counted as waiting, then its time is up.
-        assert gpu_slot_module._park(gate, parked, 30, tmp_path, "slot")
-        raise SlotError("gave up")
-
-    monkeypatch.setattr(gpu_slot_module, "_wait_for", give_up)
-    monkeypatch.setattr(
-        gpu_slot_module, "_release", lambda name, lease, records: released.append(lease)
-    )
-    with pytest.raises(SlotError):
-        gpu_slot_module._enter(gate, "slot", None, tmp_path)
-    assert released == [parked] and gate.parked == [] and gate.waiting == 0
 
 
 # --- holding, waiting and errors ---------------------------------------------------------------
@@ -578,74 +395,3 @@ def test_slot_of_a_killed_holder_is_recovered_on_the_temporary_server(spawn, tmp
     report = json.loads(taken.read_text())
     assert report["active_slots_after"] == 0
     assert taker.wait(timeout=30) == 0, tail(taker_log)
-
-
-# --- holder records ------------------------------------------------------------------------------
-
-
-def a_record(name: str, **changes) -> slot_records.Record:
-    record = slot_records.current_holder(name, uuid.uuid4(), uuid.uuid4())
-    return dataclasses.replace(record, **changes)
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_only_records_of_dead_processes_on_this_host_are_claimed(tmp_path):
-    name = "slot"
-    alive = a_record(name)
-    dead = a_record(name, pid=dead_pid())
-    reused = a_record(name, create_time=alive.create_time - 3600)  # our pid, an older process
-    elsewhere = a_record(name, pid=dead_pid(), host="another-host")
-    for record in (alive, dead, reused, elsewhere):
-        slot_records.write_record(tmp_path, record)
-
-    claimed = slot_records.claim_dead_records(tmp_path, name)
-
-    assert sorted(r.lease_id for r in claimed) == sorted([dead.lease_id, reused.lease_id])
-    assert dead in claimed
-    assert slot_records.claim_dead_records(tmp_path, name) == []
-    assert not slot_records.remove_record(tmp_path, name, dead.lease_id)
-    assert slot_records.remove_record(tmp_path, name, alive.lease_id)
-    assert slot_records.claim_dead_records(tmp_path, "never-used") == []
-
-
-def test_each_dead_record_goes_to_exactly_one_of_racing_claimers(tmp_path):
-    pid = dead_pid()
-    written = {a_record("slot", pid=pid).lease_id for _ in range(40)}
-    for lease_id in written:
-        slot_records.write_record(tmp_path, a_record("slot", pid=pid, lease_id=lease_id))
-    claims: list[uuid.UUID] = []
-    in_threads(
-        8,
-        lambda: claims.extend(
-            r.lease_id for r in slot_records.claim_dead_records(tmp_path, "slot")
-        ),
-    )
-    assert sorted(claims) == sorted(written)
-
-
-def test_the_waiting_line_ignores_dead_and_stale_waiters_and_orders_by_waiting_time(
-    tmp_path, another_waiting_process
-):
-    name = "line"
-    with slot_records.waiting_line(tmp_path, name) as line:
-        assert line.ahead() == [] and not slot_records.others_waiting(tmp_path, name)
-        folder = tmp_path / name / "waiting"
-        dead = slot_records.Waiter(pid=2**22 + 7, create_time=1.0, since=0.0)
-        (folder / f"{dead.pid}.json").write_text(json.dumps(dataclasses.asdict(dead)))
-        assert line.ahead() == []  # a process that is gone holds nobody up
-
-        another_waiting_process(name)  # alive, and waiting since a minute ago
-        [ahead] = line.ahead()
-        assert slot_records.others_waiting(tmp_path, name)
-        marker = folder / f"{ahead.pid}.json"
-        os.utime(marker, (time.time() - 60, time.time() - 60))
-        assert line.ahead() == []  # not refreshed for a minute: stopped, or stuck
-
-        line.refresh()  # our own marker stays fresh
-        assert (folder / f"{os.getpid()}.json").exists()
-    assert not (folder / f"{os.getpid()}.json").exists()

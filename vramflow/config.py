@@ -82,9 +82,9 @@ class Settings(BaseSettings):
         default=30,
         ge=0,
         description=(
-            "Pass a held slot (and the weights on the device) straight to this process's next"
-            " waiting batch for up to this long after the server granted it; 0: give it back"
-            " after every batch."
+            "Keep the slot (and the weights on the device) while this process's pages wait for"
+            " at least this long before giving it back to another process of this host that"
+            " waits for it; 0: yield after every model call when another process waits."
         ),
     )
     slot_wait_seconds: float | None = Field(

@@ -34,7 +34,6 @@ def main() -> None:
     parser.add_argument("--holds", type=int, default=2)
     parser.add_argument("--hold-seconds", type=float, default=0.3)
     parser.add_argument("--plain", action="store_true")
-    parser.add_argument("--handoff-seconds", type=float, default=0.0)
     args = parser.parse_args()
     _connect()
     if args.ready:
@@ -47,7 +46,7 @@ def main() -> None:
 def intervals(args: argparse.Namespace) -> None:
     with open(args.out, "a") as out:
         for _ in range(args.holds):
-            with slot(args.name, args.records, plain=args.plain, handoff=args.handoff_seconds):
+            with slot(args.name, args.records, plain=args.plain):
                 start = time.monotonic()
                 time.sleep(args.hold_seconds)
                 end = time.monotonic()
@@ -73,7 +72,7 @@ def take(args: argparse.Namespace) -> None:
     write_atomically(args.marker, json.dumps(report))
 
 
-def slot(name: str, records: Path, plain: bool = False, handoff: float = 0.0):
+def slot(name: str, records: Path, plain: bool = False):
     """`gpu_slot` (yielding the lease id), or prefect's plain `concurrency()`."""
     import contextlib
 
@@ -86,7 +85,7 @@ def slot(name: str, records: Path, plain: bool = False, handoff: float = 0.0):
 
     @contextlib.contextmanager
     def held():
-        with gpu_slot(name, records_dir=records, handoff_seconds=handoff) as hold:
+        with gpu_slot(name, records_dir=records) as hold:
             yield hold.lease_id
 
     return held()
