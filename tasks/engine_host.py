@@ -101,10 +101,14 @@ def _parts(settings: Settings, device: str) -> EngineParts:
 
     def should_yield(held_seconds: float) -> bool:
         # The device is this process's while pages wait, up to the hand-off time; past it, the
-        # slot goes back to the server when another process of this host waits for it.
-        return held_seconds >= settings.slot_handoff_seconds and slot_records.others_waiting(
-            records, name
-        )
+        # slot goes back to the server when another process of this host waits for it (or when
+        # the line cannot be read, so that a broken line never keeps the device from others).
+        if held_seconds < settings.slot_handoff_seconds:
+            return False
+        try:
+            return slot_records.others_waiting(records, name)
+        except OSError:
+            return True
 
     return EngineParts(
         device=device,

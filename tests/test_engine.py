@@ -11,7 +11,7 @@ import pytest
 
 from vramflow import models
 from vramflow.engine import CallGroup, Engine, EngineParts, PageJob
-from vramflow.errors import ModelError
+from vramflow.errors import ModelError, SlotError
 from vramflow.inference import PageInput
 
 
@@ -168,3 +168,27 @@ def test_the_slot_goes_back_when_no_page_waits(tiny):
     assert calls.hold_over.wait(timeout=60)
     assert gate.holds == 2 and gate.inside == 0
     assert eng.pages_waiting == 0
+
+
+class Cancelled(BaseException):
+    """What a lost lease raises in its holder (a cancellation, not an Exception)."""
+
+
+def test_a_call_broken_off_fails_its_requests_and_the_engine_goes_on(tiny, monkeypatch):
+    from vramflow import engine as engine_module
+
+    gate, calls = Gate(), Calls()
+    gate.opened.set()
+    eng = engine(tiny, gate, calls)
+    run_batch = engine_module.run_batch
+
+    def lease_lost(*args, **kwargs):
+        raise Cancelled("the slot's lease was lost")
+
+    monkeypatch.setattr(engine_module, "run_batch", lease_lost)
+    broken = eng.submit(group(tiny), jobs("run-a", [1, 2], 100), batch_size=4)
+    with pytest.raises(SlotError, match="lease was lost"):
+        broken.result(timeout=60)
+    monkeypatch.setattr(engine_module, "run_batch", run_batch)
+    assert eng.submit(group(tiny), jobs("run-b", [1], 200), batch_size=4).result(60).ok == [1]
+    assert calls.hold_over.wait(timeout=60) and gate.holds == 2 and gate.inside == 0

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vramflow import gpu, torch_thread
-from vramflow.errors import ModelError
+from vramflow.errors import ModelError, SlotError
 from vramflow.faults import injector_for
 from vramflow.inference import (
     BatchOutcome,
@@ -144,6 +144,7 @@ class Engine:
         self._requests: deque[_Request] = deque()
         self._changed = threading.Condition()
         self._load_failures: dict[str, tuple[str, float]] = {}
+        self._in_call: list[_Request] = []  # requests with pages in the call being made
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramflow-writes")
         self._thread = threading.Thread(target=self._run, name="vramflow-engine", daemon=True)
         self._thread.start()
@@ -174,8 +175,11 @@ class Engine:
                 continue
             try:
                 self._hold_and_serve(group, loaded)
-            except Exception as exc:  # the slot could not be had: fail what waits for it
-                self._fail_group(group, exc)
+            except BaseException as exc:  # no slot, or it was lost (a cancellation) mid-call
+                log.error("the device's slot failed: %s", _one_line(exc))
+                failure = exc if isinstance(exc, Exception) else SlotError(_one_line(exc))
+                self._fail_requests(self._in_call, failure)
+                self._fail_group(group, failure)
 
     def _wait_for_work(self) -> CallGroup:
         with self._changed:
@@ -263,6 +267,7 @@ class Engine:
 
         for request in requests:
             request.slot_wait = max(request.slot_wait, slot_wait)
+        self._in_call = requests
         with loaded.lock:
             outcome = run_batch(
                 loaded,
@@ -273,6 +278,7 @@ class Engine:
                 limit=batch_limit(group.model, self.parts.device),
             )
         self._settle(requests, outcome)
+        self._in_call = []
 
     def _settle(self, requests: list[_Request], outcome: BatchOutcome) -> None:
         with self._changed:
@@ -315,6 +321,17 @@ class Engine:
             for request in failed:
                 self._requests.remove(request)
                 request.pending.clear()
+        for request in failed:
+            self._writer.submit(_fail, request, exc)
+
+    def _fail_requests(self, requests: list[_Request], exc: Exception) -> None:
+        """Fail requests whose pages were in a call that broke off."""
+        with self._changed:
+            failed = [r for r in requests if r in self._requests]
+            for request in failed:
+                self._requests.remove(request)
+                request.pending.clear()
+        self._in_call = []
         for request in failed:
             self._writer.submit(_fail, request, exc)
 
