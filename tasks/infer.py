@@ -101,7 +101,7 @@ def infer_batch(
     engine = engine_host.engine_for(settings)
     try:
         outcome = engine.submit(
-            engine_host.call_group(settings), jobs, settings.batch_size
+            engine_host.call_group(settings), jobs, settings.batch_size, settings.max_batch_tokens
         ).result()
     except (ModelError, SlotError) as exc:
         _fail_claimed(settings, document_id, [page for page, _, _ in claimed], exc)

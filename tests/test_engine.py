@@ -192,3 +192,16 @@ def test_a_call_broken_off_fails_its_requests_and_the_engine_goes_on(tiny, monke
     monkeypatch.setattr(engine_module, "run_batch", run_batch)
     assert eng.submit(group(tiny), jobs("run-b", [1], 200), batch_size=4).result(60).ok == [1]
     assert calls.hold_over.wait(timeout=60) and gate.holds == 2 and gate.inside == 0
+
+
+def test_a_token_budget_gives_short_and_long_pages_calls_of_their_own(tiny):
+    gate, calls = Gate(), Calls()
+    eng = engine(tiny, gate, calls)
+    short, long = "A short form field.", "A dense paragraph of a paper. " * 60
+    texts = [short, long, short, long, short, short]
+    pages = [PageJob(PageInput(n, text, key=100 + n), "run-a") for n, text in enumerate(texts, 1)]
+    request = eng.submit(group(tiny, max_input_tokens=512), pages, batch_size=8, token_budget=1200)
+    gate.opened.set()
+    assert request.result(timeout=120).ok == [1, 2, 3, 4, 5, 6]
+    carried = [sorted(page for _, page in pages_of_call) for _, pages_of_call in calls.calls]
+    assert carried == [[1, 3, 5, 6], [2, 4]]  # the long pages are never padded into the short

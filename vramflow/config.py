@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     )
     max_new_tokens: int = Field(default=64, ge=1, le=8192, description="Tokens generated per page.")
     batch_size: int = Field(default=4, ge=1, le=256, description="Pages per call and hold.")
+    max_batch_tokens: int | None = Field(
+        default=None,
+        ge=64,
+        le=10_000_000,
+        description=(
+            "Size model calls by tokens instead of pages: each call takes the oldest waiting page"
+            " and the waiting pages nearest it in length while every page padded to the longest,"
+            " plus the new tokens, fits this many tokens (None: `batch_size` pages a call)."
+        ),
+    )
     max_input_tokens: int = Field(
         default=1536, ge=16, le=131072, description="Page tokens kept; longer pages are truncated."
     )

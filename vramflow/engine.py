@@ -3,9 +3,10 @@
 A process that runs inference (a `vramflow gpu-worker`, or a flow process running the embedded
 default) has one engine per device and configuration. A request is one batch of pages of one
 document run. Requests wait here; one thread takes the device's slot, brings the model onto the
-device and makes model calls of up to `batch_size` pages, taking pages in arrival order from
-every waiting request that shares the database, model and generation settings, so that pages of
-different documents share a call. The thread keeps the slot, with the weights on the device,
+device and makes model calls of up to `batch_size` pages (or of pages of similar length within a
+token budget, vramflow.batching), taking pages in arrival order from every waiting request that
+shares the database, model and generation settings, so that pages of different documents share a
+call. The thread keeps the slot, with the weights on the device,
 while pages wait, and gives it back when none do, or when `should_yield` says another process
 wants the device.
 
@@ -27,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vramflow import gpu, torch_thread
+from vramflow import batching, gpu, torch_thread
 from vramflow.errors import ModelError, SlotError
 from vramflow.faults import injector_for
 from vramflow.inference import (
@@ -82,6 +83,7 @@ class _Request:
     group: CallGroup
     jobs: list[PageJob]
     batch_size: int
+    token_budget: int | None = None
     future: Future[RequestOutcome] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.monotonic)
     pending: deque[PageJob] = field(init=False)
@@ -149,9 +151,18 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="vramflow-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, group: CallGroup, jobs: list[PageJob], batch_size: int) -> Future:
-        """Queue `jobs`; the future gives a RequestOutcome, or raises ModelError / SlotError."""
-        request = _Request(group, list(jobs), max(1, batch_size))
+    def submit(
+        self,
+        group: CallGroup,
+        jobs: list[PageJob],
+        batch_size: int,
+        token_budget: int | None = None,
+    ) -> Future:
+        """Queue `jobs`; the future gives a RequestOutcome, or raises ModelError / SlotError.
+
+        Calls carry up to `batch_size` pages, or with a `token_budget`, as many pages of
+        similar length as fit it (vramflow.batching)."""
+        request = _Request(group, list(jobs), max(1, batch_size), token_budget)
         if not request.jobs:
             request.future.set_result(RequestOutcome([], {}, [], 0.0, 0.0))
             return request.future
@@ -218,21 +229,30 @@ class Engine:
         return move_in, move_out, pages
 
     def _take(self) -> tuple[CallGroup, list[PageJob], list[_Request]] | None:
-        """Up to a batch of waiting pages, oldest first, of the oldest waiting request's group."""
+        """The next call's pages: of the oldest waiting request's group, chosen by count or by
+        its token budget (vramflow.batching), oldest first."""
         with self._changed:
             waiting = [r for r in self._requests if r.pending]
             if not waiting:
                 return None
-            group, size = waiting[0].group, waiting[0].batch_size
+            first = waiting[0]
+            group = first.group
+            queued = [(r, job) for r in waiting if r.group == group for job in r.pending]
+            if first.token_budget is None:
+                picked = batching.by_count(len(queued), first.batch_size)
+            else:
+                lengths = [
+                    batching.estimate_tokens(job.page.text, group.prompt, group.max_input_tokens)
+                    for _, job in queued
+                ]
+                picked = batching.by_tokens(lengths, first.token_budget, group.max_new_tokens)
             jobs, requests, now = [], [], time.monotonic()
-            for request in (r for r in waiting if r.group == group):
-                if request.first_call_at is None:
-                    request.first_call_at = now
-                requests.append(request)
-                while request.pending and len(jobs) < size:
-                    jobs.append(request.pending.popleft())
-                if len(jobs) == size:
-                    break
+            for request, job in (queued[i] for i in picked):
+                request.pending.remove(job)
+                jobs.append(job)
+                if request not in requests:
+                    requests.append(request)
+                    request.first_call_at = request.first_call_at or now
             return group, jobs, requests
 
     def _call(
