@@ -14,7 +14,7 @@ from typing import Any
 
 from tasks.gpu_slot import gpu_slot
 from tasks.recording import store_call
-from vramflow import gpu, models, slot_records, torch_thread
+from vramflow import admission, gpu, models, slot_records, torch_thread
 from vramflow.config import Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
@@ -58,7 +58,7 @@ def engine_for(settings: Settings) -> Engine:
     )
     with _lock:
         if key not in _engines:
-            _engines[key] = Engine(_parts(own, device))
+            _engines[key] = Engine(engine_parts(own, device))
         return _engines[key]
 
 
@@ -80,15 +80,18 @@ def loaded_models() -> int:
     return models.cached_count()
 
 
-def _parts(settings: Settings, device: str) -> EngineParts:
+def engine_parts(settings: Settings, device: str) -> EngineParts:
+    """The slot, loader, recorder and grants an engine for `device` uses under `settings`."""
     name = gpu.slot_name(settings.slot_name_template, device)
     records = settings.slot_records_dir
     dtype = models.resolve_dtype(settings.dtype, device)
+    grants = Grants(settings, device)
 
-    def slot():
+    def slot(loaded: models.LoadedModel):
         return gpu_slot(
             name,
-            size=settings.slot_size,
+            size=grants.limit_size(),
+            occupy=grants.need(loaded),
             lease_seconds=settings.slot_lease_seconds,
             wait_seconds=settings.slot_wait_seconds,
             records_dir=records,
@@ -114,17 +117,58 @@ def _parts(settings: Settings, device: str) -> EngineParts:
         device=device,
         slot=slot,
         load=load,
-        recorder=DatabaseRecorder(name),
+        recorder=DatabaseRecorder(name, grants),
         torch_threads=settings.torch_threads,
         should_yield=should_yield,
+        token_cap=grants.token_cap,
     )
+
+
+class Grants:
+    """What a device's slot counts and what a holder asks for (vramflow.admission): one slot
+    per holder, or MiB of the device, with each model's need learnt from its recorded peaks."""
+
+    def __init__(self, settings: Settings, device: str) -> None:
+        self.settings, self.device = settings, device
+        self.by_memory = settings.admission == "memory"
+        self._peaks: dict[str, int] = {}
+
+    def limit_size(self) -> int:
+        if not self.by_memory:
+            return self.settings.slot_size
+        total = admission.device_mib(self.device, self.settings.device_memory_mib)
+        return max(1, total - self.settings.memory_margin_mib)
+
+    def tokens(self) -> int:
+        """Tokens in flight the grant is sized for: the token budget, or a full batch."""
+        s = self.settings
+        return s.max_batch_tokens or s.batch_size * (s.max_input_tokens + s.max_new_tokens)
+
+    def need(self, loaded: models.LoadedModel) -> int:
+        if not self.by_memory:
+            return 1
+        shape = admission.model_shape(loaded.model)
+        return admission.need_mib(shape, self.tokens(), self._peaks.get(loaded.spec))
+
+    def token_cap(self, loaded: models.LoadedModel) -> int | None:
+        """With memory admission, calls stay within what the grant leaves after the weights."""
+        if not self.by_memory:
+            return None
+        shape = admission.model_shape(loaded.model)
+        return min(self.tokens(), admission.tokens_within(shape, self.need(loaded)))
+
+    def learn(self, model: str, record: CallRecord) -> None:
+        """Remember the largest device memory a call of `model` reserved (CUDA only)."""
+        peak = record.torch_max_reserved_bytes
+        if peak:
+            self._peaks[model] = max(peak, self._peaks.get(model, 0))
 
 
 class DatabaseRecorder:
     """Writes holds, attempts and results to the database of the pages' run."""
 
-    def __init__(self, slot_name: str) -> None:
-        self.slot_name = slot_name
+    def __init__(self, slot_name: str, grants: Grants) -> None:
+        self.slot_name, self.grants = slot_name, grants
 
     def hold_started(self, group: CallGroup, hold_id: str, hold: Any, device: str) -> None:
         with session_scope(group.database_url) as session:
@@ -150,6 +194,7 @@ class DatabaseRecorder:
         slot_wait: float,
     ) -> None:
         runs = {key: job.flow_run_id for key, job in jobs.items()}
+        self.grants.learn(group.model, record)
         with session_scope(group.database_url) as session:
             store_call(session, record, {key: key for key in jobs}, hold_id, slot_wait, runs)
             if record.outcome == "ok":

@@ -105,17 +105,25 @@ def gpu_slot(
     name: str,
     *,
     size: int = 1,
+    occupy: int = 1,
     lease_seconds: float = 60,
     wait_seconds: float | None = None,
     records_dir: Path,
 ) -> Iterator[SlotHold]:
-    """Hold one slot of the limit `name` (created with `size` slots if missing) for the block.
+    """Hold `occupy` slots of the limit `name` (created with `size` slots if missing) for the
+    block (with admission by memory, a slot is a MiB of the device).
 
-    Raises `SlotError` if the Prefect API cannot be reached, the limit cannot be enforced, or no
-    slot frees up within `wait_seconds` (None: wait for as long as it takes).
+    Raises `SlotError` if the Prefect API cannot be reached, the limit cannot be enforced, no
+    slot frees up within `wait_seconds` (None: wait for as long as it takes), or `occupy` is
+    more than the limit has.
     """
     if size < 1 or not 60 <= lease_seconds <= 86400:
         raise ConfigError(f"slot size must be >= 1 and lease 60-86400 s: {size}, {lease_seconds}")
+    if not 1 <= occupy <= size:
+        raise SlotError(
+            f"a holder of {name!r} needs {occupy} of its {size} slots: it can never fit"
+            " (a smaller batch or token budget, or a larger device)"
+        )
     asked = time.monotonic()
     deadline = None if wait_seconds is None else asked + wait_seconds
     records = Path(records_dir)
@@ -123,7 +131,7 @@ def gpu_slot(
     _wait_for(gate.holders, name, deadline)
     try:
         with _held(gate.poll, name, deadline):
-            lease_id = _acquire(name, size, lease_seconds, deadline, records, gate)
+            lease_id = _acquire(name, (size, occupy), lease_seconds, deadline, records, gate)
         keeper = LeaseKeeper(lease_id, lease_seconds)
         held_since = time.monotonic()
         hold: SlotHold | None = None
@@ -145,7 +153,7 @@ def gpu_slot(
 
 def _acquire(
     name: str,
-    size: int,
+    shape: tuple[int, int],  # (limit size, slots this holder occupies)
     lease_seconds: float,
     deadline: float | None,
     records_dir: Path,
@@ -153,6 +161,7 @@ def _acquire(
 ) -> UUID:
     limit: GlobalConcurrencyLimitResponse | None = None
     busy_pause = _BUSY_RETRY_SECONDS
+    size, occupy = shape
     with slot_records.waiting_line(records_dir, name) as line:
         while True:
             gate.released.clear()
@@ -164,7 +173,7 @@ def _acquire(
                     if limit is None:
                         limit = _ensure(client, name, size)
                     _recover_dead_holders(client, limit, records_dir)
-                    answer = _try_increment(client, name, lease_seconds)
+                    answer = _try_increment(client, name, lease_seconds, occupy)
                 if answer.granted is not None:
                     _record(records_dir, name, *answer.granted)
                     return answer.granted[0]
@@ -192,7 +201,9 @@ class _Answer(NamedTuple):
     busy: bool = False  # 503: the server's database was busy; ask again
 
 
-def _try_increment(client: SyncPrefectClient, name: str, lease_seconds: float) -> _Answer:
+def _try_increment(
+    client: SyncPrefectClient, name: str, lease_seconds: float, occupy: int = 1
+) -> _Answer:
     """One acquisition attempt: granted, taken (423) or busy (503).
 
     One request, never cancelled half-way (a cancelled grant would leak its slot), so that the
@@ -200,7 +211,7 @@ def _try_increment(client: SyncPrefectClient, name: str, lease_seconds: float) -
     """
     body: dict = {
         "names": [name],
-        "slots": 1,
+        "slots": occupy,
         "mode": "concurrency",
         "lease_duration": lease_seconds,
     }

@@ -42,7 +42,8 @@ def run_gpu_worker(settings: Settings, limit: int, preload: list[str]) -> None:
     url = settings.resolved_database_url
     ensure_schema(url)
     device = gpu.resolve_device(settings.device)
-    ensure_slot_limit(gpu.slot_name(settings.slot_name_template, device), settings.slot_size)
+    size = engine_host.Grants(settings, device).limit_size()
+    ensure_slot_limit(gpu.slot_name(settings.slot_name_template, device), size)
     with registered(settings, device) as worker_id:
         engine_host.serve_as_gpu_worker(settings, worker_id)
         dtype = models.resolve_dtype(settings.dtype, device)

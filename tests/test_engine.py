@@ -33,7 +33,7 @@ class Gate:
         self._lock = threading.Lock()
 
     @contextmanager
-    def slot(self):
+    def slot(self, loaded=None):
         self.opened.wait()
         with self._lock:
             self.holds += 1

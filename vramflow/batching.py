@@ -38,11 +38,13 @@ def by_count(waiting: int, batch_size: int) -> list[int]:
     return list(range(min(waiting, batch_size)))
 
 
-def by_tokens(lengths: Sequence[int], budget: int, max_new_tokens: int) -> list[int]:
+def by_tokens(
+    lengths: Sequence[int], budget: int, max_new_tokens: int, max_pages: int = MAX_PAGES_PER_CALL
+) -> list[int]:
     """Indices (into `lengths`, oldest first) of the next call's pages under `budget`.
 
     The oldest page always goes (alone, if it does not fit with another); then, nearest in
-    length first, every page that keeps the padded cost within the budget.
+    length first, every page that keeps the padded cost within the budget, up to `max_pages`.
     """
     if not lengths:
         return []
@@ -50,7 +52,7 @@ def by_tokens(lengths: Sequence[int], budget: int, max_new_tokens: int) -> list[
     nearest = sorted(range(1, len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
     chosen, chosen_lengths = [0], [anchor]
     for index in nearest:
-        if len(chosen) >= MAX_PAGES_PER_CALL:
+        if len(chosen) >= max_pages:
             break
         trial = [*chosen_lengths, lengths[index]]
         if padded_cost(trial, max_new_tokens) <= budget:

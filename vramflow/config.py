@@ -85,6 +85,27 @@ class Settings(BaseSettings):
         description="Name of the Prefect global concurrency limit per device.",
     )
     slot_size: int = Field(default=1, ge=1, le=64, description="Concurrent holders per device.")
+    admission: Literal["holders", "memory"] = Field(
+        default="holders",
+        description=(
+            "What a device's GPU slot counts: `holders` (VRAMFLOW_SLOT_SIZE of them at once) or"
+            " `memory` (MiB of the device, less VRAMFLOW_MEMORY_MARGIN_MIB; each holder asks"
+            " for what its model and calls need, and holders that fit run side by side)."
+        ),
+    )
+    device_memory_mib: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "The device's size for memory admission (None: NVML's total on CUDA, the host's"
+            " memory on a CPU)."
+        ),
+    )
+    memory_margin_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="MiB of the device memory admission keeps out of every grant.",
+    )
     slot_lease_seconds: float = Field(
         default=60, ge=60, le=86400, description="Lease of a held slot; a dead holder's expires."
     )

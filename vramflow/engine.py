@@ -130,11 +130,13 @@ class EngineParts:
     """What an engine is given: how to take the slot, load a model and record its work."""
 
     device: str
-    slot: Callable[[], AbstractContextManager[Any]]
+    slot: Callable[[Any], AbstractContextManager[Any]]  # for a loaded model: its hold
     load: Callable[[str], Any]  # model spec → models.LoadedModel (on the CPU)
     recorder: Recorder
     torch_threads: int | None = None
     should_yield: Callable[[float], bool] = lambda held_seconds: False
+    # The most tokens in flight a call of this model may hold (its grant), or None.
+    token_cap: Callable[[Any], int | None] = lambda loaded: None
 
 
 class Engine:
@@ -200,7 +202,7 @@ class Engine:
 
     def _hold_and_serve(self, group: CallGroup, loaded: Any) -> None:
         hold_id = str(uuid.uuid4())
-        with self.parts.slot() as hold:
+        with self.parts.slot(loaded) as hold:
             self._write(self.parts.recorder.hold_started, group, hold_id, hold, self.parts.device)
             move_in, move_out, pages = self._serve(hold, hold_id, loaded)
         self._write(
@@ -208,18 +210,16 @@ class Engine:
         )
 
     def _serve(self, hold: Any, hold_id: str, loaded: Any) -> tuple[float, float, int]:
-        """Model calls while pages wait; the weights leave the device before the slot does."""
+        """Model calls of `loaded` while its pages wait, within its grant; the weights leave
+        the device before the slot does. Another model's turn takes a hold of its own (its
+        grant differs)."""
         device, started = self.parts.device, time.monotonic()
+        cap = self.parts.token_cap(loaded)
         move_in = torch_thread.run(_bring_in, loaded, device, self.parts.torch_threads)
         move_out, pages, wait = 0.0, 0, hold.wait_seconds
         try:
-            while (taken := self._take()) is not None:
+            while (taken := self._take(loaded.spec, cap)) is not None:
                 group, jobs, requests = taken
-                if group.model != loaded.spec:  # another model's turn: swap the weights
-                    move_out += _take_off(loaded, device)
-                    if (loaded := self._load(group)) is None:
-                        continue
-                    move_in += torch_thread.run(_bring_in, loaded, device, None)
                 self._call(group, loaded, jobs, requests, hold_id, wait)
                 pages, wait = pages + len(jobs), 0.0
                 if self.parts.should_yield(time.monotonic() - started):
@@ -228,24 +228,31 @@ class Engine:
             move_out += _take_off(loaded, device)
         return move_in, move_out, pages
 
-    def _take(self) -> tuple[CallGroup, list[PageJob], list[_Request]] | None:
-        """The next call's pages: of the oldest waiting request's group, chosen by count or by
-        its token budget (vramflow.batching), oldest first."""
+    def _take(
+        self, model: str, cap: int | None = None
+    ) -> tuple[CallGroup, list[PageJob], list[_Request]] | None:
+        """The next call's pages, if the oldest waiting request is for `model`: of its group,
+        chosen by count or by its token budget (vramflow.batching), oldest first, within `cap`
+        tokens in flight."""
         with self._changed:
             waiting = [r for r in self._requests if r.pending]
-            if not waiting:
+            if not waiting or waiting[0].group.model != model:
                 return None
             first = waiting[0]
             group = first.group
             queued = [(r, job) for r in waiting if r.group == group for job in r.pending]
-            if first.token_budget is None:
+            budget = first.token_budget
+            if cap is not None:
+                budget = min(budget or cap, cap)
+            if budget is None:
                 picked = batching.by_count(len(queued), first.batch_size)
             else:
                 lengths = [
                     batching.estimate_tokens(job.page.text, group.prompt, group.max_input_tokens)
                     for _, job in queued
                 ]
-                picked = batching.by_tokens(lengths, first.token_budget, group.max_new_tokens)
+                limit = batching.MAX_PAGES_PER_CALL if first.token_budget else first.batch_size
+                picked = batching.by_tokens(lengths, budget, group.max_new_tokens, limit)
             jobs, requests, now = [], [], time.monotonic()
             for request, job in (queued[i] for i in picked):
                 request.pending.remove(job)
