@@ -27,6 +27,7 @@ from tasks.documents import open_document
 from tasks.extract import extract_page
 from tasks.infer import infer_batch
 from tasks.report import ProgressReport, publish_summary
+from tasks.run_report import publish_run_report
 from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
@@ -156,6 +157,7 @@ async def _process_document(
             finish_document, settings, key, path, len(already), flow_run.id
         )
         await publish_summary(summary, sha)
+        await publish_run_report(settings.resolved_database_url, key, summary, sha)
         return summary
 
     # The last progress update goes out while the summary is made and published.
