@@ -72,9 +72,19 @@ async def process_pdf(
     force: bool = False,
     max_input_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Run `prompt` over the pages of the PDF at `path`; `pages` like "1-5,8" limits the range.
+    """Run `prompt` over the pages of the PDF at `path` and store each page's answer.
 
-    `max_input_tokens` (default VRAMFLOW_MAX_INPUT_TOKENS) truncates longer pages.
+    Args:
+        path: The PDF file, as a path on the worker's host.
+        prompt: Instruction applied to every page.
+        model: The packaged default, a Hugging Face id, a local folder or a .gguf file.
+        max_new_tokens: Tokens generated per page (greedy decoding).
+        batch_size: Pages per model call and GPU slot hold.
+        password: Password of an encrypted PDF.
+        pages: Page range such as "1-5,8" (default: every page).
+        force: Redo pages already answered with this model, prompt and settings.
+        max_input_tokens: Page tokens kept; longer pages are truncated and flagged (default:
+            VRAMFLOW_MAX_INPUT_TOKENS).
     """
     settings = build_settings(
         prompt=prompt,
