@@ -82,7 +82,7 @@ def _draw_memory(axes, timeline: Timeline, start: datetime) -> None:
     for i, (x, _) in enumerate(ooms):
         axes.axvline(x, color="red", lw=1, ls=":", label="out of memory" if i == 0 else None)
     axes.set_ylim(bottom=0)
-    axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
 
 
 def _points(axes, calls: list[Call], ends: list[float], attr: str, label: str, marker: str):
@@ -110,7 +110,7 @@ def _draw_rate(axes, timeline: Timeline, start: datetime) -> None:
         label=f"pages/s ({width:.0f} s bins)",
     )
     axes.set_ylabel("pages per second")
-    axes.legend(loc="upper right", fontsize="small")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
 
 
 def png_bytes(timeline: Timeline) -> bytes:
