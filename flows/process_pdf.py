@@ -166,8 +166,10 @@ async def _process_document(
         summary, sha = await asyncio.to_thread(
             finish_document, settings, key, path, len(already), flow_run.id
         )
-        await publish_summary(summary, sha)
-        await publish_run_report(settings.resolved_database_url, key, summary, sha)
+        await asyncio.gather(
+            publish_summary(summary, sha),
+            publish_run_report(settings.resolved_database_url, key, summary, sha),
+        )
         return summary
 
     # The last progress update goes out while the summary is made and published.

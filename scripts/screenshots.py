@@ -4,9 +4,13 @@
         --flow-run <flow run id> --out docs/img
 
 Writes `<out>/flow-run-artifacts.png` (the run's Artifacts tab) and one
-`<out>/artifact-<key>.png` per artifact with a key. Chromium is Debian's package
-(`apt-get install -y chromium`); it is driven over the DevTools protocol so that each shot is
-taken once the single-page UI has drawn the artifact, not after a fixed sleep.
+`<out>/artifact-<name>.png` per artifact with a key (`pages`, `picture`, `summary` for vramflow's
+artifacts keyed by document). With `--deployment process-pdf/process-pdf`, also
+`<out>/run-form.png`, that deployment's custom run form with its parameter descriptions.
+
+Chromium is Debian's package (`apt-get install -y chromium`); it is driven over the DevTools
+protocol so that each shot is taken once the single-page UI has drawn what it waits for, not
+after a fixed sleep.
 """
 
 from __future__ import annotations
@@ -124,10 +128,17 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+def _short(key: str) -> str:
+    """`vramflow-pages-<sha prefix>` → `pages`: one file name per kind, whichever document."""
+    parts = key.split("-")
+    return parts[1] if parts[0] == "vramflow" and len(parts) == 3 else key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--api", required=True, help="Prefect API URL, e.g. http://host:4200/api")
     parser.add_argument("--flow-run", required=True, help="Flow run id")
+    parser.add_argument("--deployment", help="flow/deployment name whose run form to shoot")
     parser.add_argument("--out", type=Path, default=Path("docs/img"))
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=900)
@@ -149,8 +160,15 @@ def main() -> None:
         for artifact in keyed:
             browser.shoot(
                 f"{ui}/artifacts/artifact/{artifact['id']}",
-                artifact["description"] or artifact["key"],
-                args.out / f"artifact-{artifact['key']}.png",
+                artifact["key"],  # the page heading; a description may be rendered markdown
+                args.out / f"artifact-{_short(artifact['key'])}.png",
+            )
+        if args.deployment:
+            deployment = httpx.get(f"{api}/deployments/name/{args.deployment}").raise_for_status()
+            browser.shoot(
+                f"{ui}/deployments/deployment/{deployment.json()['id']}/run",
+                "Parameters",
+                args.out / "run-form.png",
             )
     finally:
         browser.close()

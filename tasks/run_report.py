@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
-from vramflow import page_table, plot
+from vramflow import page_table
 from vramflow.db import run_views
 from vramflow.db.queries import ResultKey
 from vramflow.db.session import session_scope
@@ -36,20 +36,30 @@ async def publish_run_report(
     is the flow's (its `file` and `flow_run_id`)."""
     file_name, flow_run_id = summary["file"], summary["flow_run_id"]
     lines, timeline = await asyncio.to_thread(_read, database_url, key, flow_run_id, file_name)
+    if timeline.start is None:
+        drawing = None  # every page was done before: nothing ran, nothing to draw
+    else:  # drawn in a thread (about 0.3-1 s on 2 cores) while the table goes to the API
+        drawing = asyncio.ensure_future(asyncio.to_thread(_draw, timeline))
     show = f"vramflow show {sha256[:16]}"
     await acreate_table_artifact(
         table=page_table.table_rows(lines, show),
         key=pages_key(sha256),
         description=f"Pages of {file_name} (all of them: `{show}`)",
     )
-    if timeline.start is None:
-        return  # every page was done before: nothing ran, nothing to draw
-    image = await asyncio.to_thread(plot.data_uri, timeline)
+    if drawing is None:
+        return
+    image = await drawing
     await acreate_markdown_artifact(
         markdown=_picture_markdown(timeline, image, flow_run_id),
         key=picture_key(sha256),
         description=f"Memory and pages per second of {file_name} over the run",
     )
+
+
+def _draw(timeline: Timeline) -> str:
+    from vramflow import plot  # matplotlib takes 1-2 s to import: only runs that draw pay it
+
+    return plot.data_uri(timeline)
 
 
 def _read(

@@ -14,16 +14,18 @@ from vramflow.db.run_views import PageLine
 
 FIRST_ROWS = 20
 MOST_FAILURES = 50
-ANSWER_CHARS = 120
+ANSWER_CHARS = 100
+# The answer last: the UI's table is as wide as its widest cell, and the figures before it stay
+# in view.
 COLUMNS = (
     "page",
     "status",
-    "answer",
     "tokens in",
     "tokens out",
     "model s",
     "peak memory",
     "attempts",
+    "answer",
 )
 
 
@@ -58,12 +60,12 @@ def row(line: PageLine) -> dict[str, Any]:
     return {
         "page": line.page,
         "status": line.status,
-        "answer": _shorten(text or ""),
         "tokens in": _or_dash(line.tokens_in),
         "tokens out": _or_dash(line.tokens_out),
         "model s": "-" if line.model_seconds is None else f"{line.model_seconds:.2f}",
         "peak memory": peak_memory(line.peak_vram_bytes, line.peak_rss_bytes),
         "attempts": line.attempts,
+        "answer": _shorten(text or ""),
     }
 
 

@@ -81,7 +81,8 @@ def _draw_memory(axes, timeline: Timeline, start: datetime) -> None:
     ooms = [(x, c) for x, c in zip(ends, calls, strict=True) if c.outcome == "oom"]
     for i, (x, _) in enumerate(ooms):
         axes.axvline(x, color="red", lw=1, ls=":", label="out of memory" if i == 0 else None)
-    axes.set_ylim(bottom=0)
+    top = axes.get_ylim()[1]
+    axes.set_ylim(0, top * 1.1)  # headroom: points at the peak stay off the frame
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
 
 
