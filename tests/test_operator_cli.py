@@ -141,3 +141,19 @@ def test_plot_without_runs_is_one_clear_line(tmp_path):
     assert done.returncode == 1
     assert "nothing to plot" in done.stderr and "Traceback" not in done.stderr
     assert not Path(tmp_path / "run.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("template", "device", "host"),
+    [
+        ("vramflow-gpu-{host}-{device}", "cuda:1", "Box.Example"),
+        ("team GPU {device}", "cpu", "ignored"),
+    ],
+)
+def test_slot_names_the_template_makes_are_the_ones_status_finds(template, device, host):
+    from tasks.slot_status import name_pattern
+    from vramflow.gpu import slot_name
+
+    pattern = name_pattern(template)
+    assert pattern.fullmatch(slot_name(template, device, host))
+    assert not pattern.fullmatch("someone-elses-limit")

@@ -201,8 +201,8 @@ def _print_status(report: dict[str, Any]) -> None:
     console.print(f"Queue: {queue['running']} pages running, {queue['pending']} pending{oldest}")
     console.print(
         f"Last {rate['minutes']:g} min: {rate['pages']} pages answered "
-        f"({rate['pages_per_second']:.3f} pages/s), {rate['calls_ok']} model calls ok, "
-        f"{rate['calls_oom']} out of memory, {rate['tokens_out']} tokens generated"
+        f"({rate['pages_per_second']:.3f} pages/s); model calls: {rate['calls_ok']} ok, "
+        f"{rate['calls_oom']} out of memory; {rate['tokens_out']} tokens generated"
     )
 
 
