@@ -50,9 +50,9 @@ class Throughput:
 
 
 def throughput(session: Session, minutes: float, now: datetime | None = None) -> Throughput:
-    """What the model got through in the last `minutes` (from the attempts table)."""
-    since = (now or utcnow()) - timedelta(minutes=minutes)
-    recent = Attempt.finished_at >= since
+    """What the model got through in the `minutes` before `now` (from the attempts table)."""
+    until = now or utcnow()
+    recent = Attempt.finished_at.between(until - timedelta(minutes=minutes), until)
     pages = session.scalar(
         select(func.count(distinct(Attempt.result_id))).where(recent, Attempt.outcome == "ok")
     )

@@ -1,0 +1,71 @@
+"""The queries behind the run report, `vramflow plot` and `vramflow status`, on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from tests.test_operator_cli import RUN, SLOT, seed
+from vramflow.db import run_views, status
+from vramflow.db.models import Document
+from vramflow.db.queries import ResultKey
+from vramflow.db.session import dispose_engines, session_scope
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request, tmp_path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'vramflow.db'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+    seed(url)
+    yield url
+    dispose_engines()
+
+
+def test_page_lines_sum_up_each_pages_model_calls(url):
+    with session_scope(url) as session:
+        document_id = session.scalar(select(Document.id))
+        lines = run_views.page_lines(session, ResultKey(document_id, "model", "p" * 64, "s" * 64))
+    assert [(line.page, line.status) for line in lines] == [
+        (1, "ok"),
+        (2, "ok"),
+        (3, "ok"),
+        (4, "ok"),
+        (5, "running"),
+        (6, "running"),
+    ]
+    assert [line.attempts for line in lines] == [2, 2, 2, 2, 0, 0]  # the OOM call, then the ok one
+    assert lines[0].peak_vram_bytes == 900 * 2**20 and lines[4].peak_vram_bytes is None
+
+
+def test_timeline_has_one_entry_per_model_call_and_the_open_hold(url):
+    with session_scope(url) as session:
+        timeline = run_views.timeline(session, RUN, title="a.pdf")
+        assert run_views.latest_flow_run(session) == RUN
+        later = run_views.timeline(session, since=timeline.calls[-1].started_at)
+    assert [(c.outcome, c.pages) for c in timeline.calls] == [("oom", 4), ("ok", 2), ("ok", 2)]
+    assert timeline.on_gpu and timeline.calls[0].nvml_total_bytes == 8 * 2**30
+    [hold] = timeline.holds
+    assert (hold.slot_name, hold.released_at) == (SLOT, None)
+    assert timeline.start.tzinfo is not None and timeline.start == hold.acquired_at
+    assert [c.outcome for c in later.calls] == ["ok"]
+
+
+def test_status_queries_see_the_holder_the_queue_and_the_last_minutes(url):
+    with session_scope(url) as session:
+        [holder] = status.open_holds(session)
+        queue = status.queue(session)
+        recent = status.throughput(session, minutes=5)
+        before = status.throughput(session, minutes=5, now=holder.acquired_at - timedelta(1))
+        assert status.gpu_workers(session) == []
+    assert (holder.host, holder.pid) == ("hosta", 4242)
+    assert (queue.running, queue.pending) == (2, 0) and queue.oldest_since is not None
+    assert (recent.pages, recent.calls_ok, recent.calls_oom, recent.tokens_out) == (4, 2, 1, 32)
+    assert recent.pages_per_second == pytest.approx(4 / 300)
+    assert before.pages == 0
