@@ -69,3 +69,18 @@ def test_status_queries_see_the_holder_the_queue_and_the_last_minutes(url):
     assert (recent.pages, recent.calls_ok, recent.calls_oom, recent.tokens_out) == (4, 2, 1, 32)
     assert recent.pages_per_second == pytest.approx(4 / 300)
     assert before.pages == 0
+
+
+def test_page_lines_count_only_the_calls_of_the_run_that_made_the_result(url):
+    """A forced re-run made page 1's result again: its figures are that run's, none yet."""
+    from sqlalchemy import update
+
+    from vramflow.db.models import Result
+
+    with session_scope(url) as session:
+        session.execute(update(Result).where(Result.page_number == 1).values(flow_run_id="again"))
+    with session_scope(url) as session:
+        document_id = session.scalar(select(Document.id))
+        lines = run_views.page_lines(session, ResultKey(document_id, "model", "p" * 64, "s" * 64))
+    assert [line.attempts for line in lines[:2]] == [0, 2]
+    assert lines[0].peak_vram_bytes is None and lines[1].peak_vram_bytes == 900 * 2**20

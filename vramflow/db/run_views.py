@@ -15,7 +15,8 @@ from vramflow.timeline import Call, Hold, Timeline
 
 @dataclass(frozen=True)
 class PageLine:
-    """One page of a document under one result key, with its model calls summed up."""
+    """One page of a document under one result key, with the model calls of the run that made
+    its result summed up (attempts: calls it took part in, OOM splits and retries included)."""
 
     page: int
     status: str  # ok | failed | no_text | running | pending
@@ -36,31 +37,33 @@ def page_lines(session: Session, key: ResultKey) -> list[PageLine]:
         for p in session.scalars(select(Page).where(Page.document_id == key.document_id))
     }
     results = {r.page_number: r for r in session.scalars(select(Result).where(*key.where()))}
-    peaks = dict(
-        (result_id, (vram, rss))
-        for result_id, vram, rss in session.execute(
+    # Figures of the run that made each result (a forced re-run's, not an older run's).
+    calls = dict(
+        (result_id, (count, vram, rss))
+        for result_id, count, vram, rss in session.execute(
             select(
                 Attempt.result_id,
+                func.count(Attempt.id),
                 func.max(Attempt.torch_max_allocated_bytes),
                 func.max(Attempt.rss_bytes),
             )
-            .where(Attempt.result_id.in_([r.id for r in results.values()]))
+            .join(Result, Attempt.result_id == Result.id)
+            .where(*key.where(), Attempt.flow_run_id == Result.flow_run_id)
             .group_by(Attempt.result_id)
         )
     )
     return [
-        _line(n, pages.get(n), results.get(n), peaks) for n in sorted(set(pages) | set(results))
+        _line(n, pages.get(n), results.get(n), calls) for n in sorted(set(pages) | set(results))
     ]
 
 
-def _line(number: int, page: Page | None, result: Result | None, peaks: dict) -> PageLine:
+def _line(number: int, page: Page | None, result: Result | None, calls: dict) -> PageLine:
     if result is not None:
-        status = result.status
         error = f"{result.error_type}: {result.error_message}" if result.error_message else None
-        vram, rss = peaks.get(result.id, (None, None))
+        count, vram, rss = calls.get(result.id, (0, None, None))
         return PageLine(
             number,
-            status,
+            result.status,
             result.output,
             error,
             result.tokens_in,
@@ -68,7 +71,7 @@ def _line(number: int, page: Page | None, result: Result | None, peaks: dict) ->
             result.infer_seconds,
             vram,
             rss,
-            result.attempts,
+            count,
         )
     status = "pending" if page is None or page.status == "ok" else page.status
     error = f"{page.error_type}: {page.error_message}" if page and page.error_message else None
