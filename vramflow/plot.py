@@ -69,14 +69,14 @@ def _draw_memory(axes, timeline: Timeline, start: datetime) -> None:
     calls = timeline.calls
     ends = [_seconds(c.finished_at, start) for c in calls]
     if timeline.on_gpu:
-        _points(axes, calls, ends, "torch_peak_bytes", "torch peak per call", "o")
-        _points(axes, calls, ends, "nvml_used_bytes", "device used (NVML)", "s")
+        _points(axes, calls, start, "torch_peak_bytes", "torch peak per call", "o")
+        _points(axes, calls, start, "nvml_used_bytes", "device used (NVML)", "s")
         totals = [c.nvml_total_bytes for c in calls if c.nvml_total_bytes]
         if totals:
             axes.axhline(max(totals) / MIB, color="grey", ls="--", lw=1, label="device total")
         axes.set_ylabel("VRAM (MiB)")
     else:
-        _points(axes, calls, ends, "rss_bytes", "process RSS per call", "o")
+        _points(axes, calls, start, "rss_bytes", "process RSS per call", "o")
         axes.set_ylabel("RSS (MiB), CPU")
     ooms = [(x, c) for x, c in zip(ends, calls, strict=True) if c.outcome == "oom"]
     for i, (x, _) in enumerate(ooms):
@@ -86,12 +86,16 @@ def _draw_memory(axes, timeline: Timeline, start: datetime) -> None:
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
 
 
-def _points(axes, calls: list[Call], ends: list[float], attr: str, label: str, marker: str):
-    pairs = [(x, getattr(c, attr)) for x, c in zip(ends, calls, strict=True)]
-    pairs = [(x, value / MIB) for x, value in pairs if value is not None]
-    if pairs:
-        xs, ys = zip(*pairs, strict=True)
-        axes.plot(xs, ys, marker=marker, ms=4, lw=1, label=label)
+def _points(axes, calls: list[Call], start: datetime, attr: str, label: str, marker: str):
+    """A point where each call ended, and a bar over the time the call ran."""
+    measured = [c for c in calls if getattr(c, attr) is not None]
+    if not measured:
+        return
+    ys = [getattr(c, attr) / MIB for c in measured]
+    ends = [_seconds(c.finished_at, start) for c in measured]
+    (line,) = axes.plot(ends, ys, marker=marker, ms=4, lw=1, label=label)
+    starts = [_seconds(c.started_at, start) for c in measured]
+    axes.hlines(ys, starts, ends, colors=line.get_color(), lw=4, alpha=0.5)
 
 
 def _draw_rate(axes, timeline: Timeline, start: datetime) -> None:
