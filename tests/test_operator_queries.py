@@ -84,3 +84,33 @@ def test_page_lines_count_only_the_calls_of_the_run_that_made_the_result(url):
         lines = run_views.page_lines(session, ResultKey(document_id, "model", "p" * 64, "s" * 64))
     assert [line.attempts for line in lines[:2]] == [0, 2]
     assert lines[0].peak_vram_bytes is None and lines[1].peak_vram_bytes == 900 * 2**20
+
+
+def test_a_runs_timeline_takes_holds_for_no_run_during_its_calls_but_not_other_runs(url):
+    """A GPU worker holds the slot for several runs at once; another run's hold is not ours."""
+    from vramflow.db import queries
+
+    with session_scope(url) as session:
+        timeline = run_views.timeline(session, RUN)
+        during = timeline.calls[1].started_at
+        for hold_id, run, at in [
+            ("worker", None, during),
+            ("other-run", "another", during),
+            ("worker-later", None, during + timedelta(hours=1)),
+        ]:
+            queries.record_hold(
+                session,
+                hold_id=hold_id,
+                slot_name=SLOT,
+                device="cuda:0",
+                host="hosta",
+                pid=1,
+                flow_run_id=run,
+                pages=2,
+                wait_seconds=0.0,
+                acquired_at=at,
+                released_at=at + timedelta(seconds=1),
+            )
+    with session_scope(url) as session:
+        holds = run_views.timeline(session, RUN).holds
+    assert sorted(h.pages for h in holds) == [2, 4]  # the worker's during the run, and ours

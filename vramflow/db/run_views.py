@@ -94,7 +94,11 @@ def timeline(
     since: datetime | None = None,
     title: str = "",
 ) -> Timeline:
-    """Model calls and slot holds of one flow run, or of every run since `since`."""
+    """Model calls and slot holds of one flow run, or of every run since `since`.
+
+    A run's holds are those it took itself, and holds taken for no one run (a GPU worker's,
+    serving several runs) while the run's calls went on.
+    """
     calls = select(
         Attempt.call_id,
         func.min(Attempt.started_at),
@@ -110,7 +114,7 @@ def timeline(
     holds = select(SlotHold)
     if flow_run_id is not None:
         calls = calls.where(Attempt.flow_run_id == flow_run_id)
-        holds = holds.where(SlotHold.flow_run_id == flow_run_id)
+        holds = holds.where(_holds_of_run(session, flow_run_id))
     if since is not None:
         calls = calls.where(Attempt.finished_at >= since)
         holds = holds.where((SlotHold.released_at >= since) | SlotHold.released_at.is_(None))
@@ -123,3 +127,21 @@ def timeline(
         for h in session.scalars(holds.order_by(SlotHold.acquired_at))
     ]
     return found
+
+
+def _holds_of_run(session: Session, flow_run_id: str):
+    """Holds by the run, or by no run while the run's calls went on."""
+    first, last = session.execute(
+        select(func.min(Attempt.started_at), func.max(Attempt.finished_at)).where(
+            Attempt.flow_run_id == flow_run_id
+        )
+    ).one()
+    own = SlotHold.flow_run_id == flow_run_id
+    if first is None:
+        return own
+    shared = (
+        SlotHold.flow_run_id.is_(None)
+        & (SlotHold.acquired_at <= last)
+        & ((SlotHold.released_at >= first) | SlotHold.released_at.is_(None))
+    )
+    return own | shared
