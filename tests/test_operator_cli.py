@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.servers import api_url_everywhere, clean_env
+from vramflow import slot_records
 from vramflow.db import queries
 from vramflow.db.schema import ensure_schema
 from vramflow.db.session import dispose_engines, session_scope
@@ -102,7 +103,10 @@ def test_status_shows_slots_holders_queue_and_throughput(env, prefect_server):
     with api_url_everywhere(prefect_server.api_url), get_client(sync_client=True) as client:
         for name in (SLOT, "vramflow-gpu-hostb-1", "someone-elses-limit"):
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    done = vramflow("status", "--json", env=env)
+    # This test process stands in the host's line for the slot while status looks.
+    records = Path(env["VRAMFLOW_HOME"]) / "slots"
+    with slot_records.waiting_line(records, SLOT):
+        done = vramflow("status", "--json", env=env)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     slots = {s["slot"]: s for s in report["slots"]}
@@ -110,6 +114,7 @@ def test_status_shows_slots_holders_queue_and_throughput(env, prefect_server):
     [holder] = slots[SLOT]["holders"]
     assert (holder["host"], holder["pid"], holder["flow_run_id"]) == ("hosta", 4242, RUN)
     assert slots[SLOT]["limit"] == 1 and slots["vramflow-gpu-hostb-1"]["holders"] == []
+    assert (slots[SLOT]["waiting_here"], slots["vramflow-gpu-hostb-1"]["waiting_here"]) == (1, 0)
     assert report["queue"]["running"] == 2 and report["gpu_workers"] == []
     rate = report["throughput"]
     assert (rate["pages"], rate["calls_ok"], rate["calls_oom"], rate["tokens_out"]) == (
