@@ -347,7 +347,10 @@ def _serve_metrics(port: int) -> None:
             return result_counts(session)
 
     metrics.watch_results(read_results)
-    server = metrics.start_server(port)
+    try:
+        server = metrics.start_server(port)
+    except OSError as exc:  # the port is taken, or not ours to open
+        raise VramflowError(f"cannot serve metrics on port {port}: {exc}") from None
     err.print(f"metrics at http://0.0.0.0:{server.server_port}/metrics")
 
 
