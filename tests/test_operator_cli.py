@@ -162,3 +162,27 @@ def test_slot_names_the_template_makes_are_the_ones_status_finds(template, devic
     pattern = name_pattern(template)
     assert pattern.fullmatch(slot_name(template, device, host))
     assert not pattern.fullmatch("someone-elses-limit")
+
+
+def test_status_text_lists_gpu_workers_when_the_database_has_them(capsys):
+    """The printing side of the GPU-worker hook (`vramflow.db.status.gpu_workers`)."""
+    from vramflow import cli_operators
+    from vramflow.db.status import GpuWorker
+
+    worker = GpuWorker("w1", "hosta", 77, "cuda:0", 12, datetime(2026, 1, 2, tzinfo=timezone.utc))
+    report = {
+        "slots": [],
+        "gpu_workers": [vars(worker)],
+        "queue": {"running": 0, "pending": 0, "oldest_since": None},
+        "throughput": {
+            "minutes": 5,
+            "pages": 0,
+            "pages_per_second": 0.0,
+            "calls_ok": 0,
+            "calls_oom": 0,
+            "tokens_out": 0,
+        },
+    }
+    cli_operators._print_status(report)
+    out = capsys.readouterr().out
+    assert "hosta pid 77 (cuda:0, 12 pages waiting, heartbeat 2026-01-02T00:00:00Z)" in out

@@ -188,14 +188,13 @@ def _print_status(report: dict[str, Any]) -> None:
                 str(slot["waiting_here"]) if first else "",
             )
     console.print(table if report["slots"] else "GPU slots: none found")
-    workers = report["gpu_workers"]
-    console.print(
-        "GPU workers: "
-        + (
-            ", ".join(f"{w['name']} ({w['device']}, seen {w['last_seen']})" for w in workers)
-            or "none on record"
-        )
-    )
+    workers = [
+        f"{w['host']} pid {w['pid']} ({w['device']}, {w['pages_waiting']} pages waiting, "
+        f"heartbeat {_iso(w['heartbeat_at'])})"
+        for w in report["gpu_workers"]
+    ]
+    console.print("GPU workers: " + (", ".join(workers) or "none on record"))
+
     queue, rate = report["queue"], report["throughput"]
     oldest = f", oldest since {queue['oldest_since']}" if queue["oldest_since"] else ""
     console.print(f"Queue: {queue['running']} pages running, {queue['pending']} pending{oldest}")

@@ -79,19 +79,21 @@ def open_holds(session: Session) -> list[SlotHold]:
 
 @dataclass(frozen=True)
 class GpuWorker:
-    """A resident GPU worker process and its last heartbeat."""
+    """A resident GPU worker process, its queue and its last heartbeat."""
 
-    name: str
-    device: str
+    worker_id: str
     host: str
     pid: int
-    last_seen: datetime
+    device: str
+    pages_waiting: int | None
+    heartbeat_at: datetime | None
 
 
 def gpu_workers(session: Session) -> list[GpuWorker]:
-    """The GPU workers on record, for `vramflow status`.
+    """The GPU workers alive, for `vramflow status`.
 
-    Hook: resident GPU workers record heartbeats in a `gpu_workers` table that this schema
-    does not have yet; until it does, there is nothing to list. Read it here when it lands.
+    Hook: resident GPU workers register in a `gpu_workers` table with heartbeats, which this
+    schema does not have yet; until it does, there is nothing to list. Fill this in from that
+    table (workers not stopped whose heartbeat is recent) when it lands.
     """
     return []
