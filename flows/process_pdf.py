@@ -27,6 +27,7 @@ from tasks.documents import open_document
 from tasks.extract import extract_page
 from tasks.infer import infer_batch
 from tasks.report import ProgressReport, publish_summary
+from tasks.run_report import publish_run_report
 from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
@@ -71,9 +72,19 @@ async def process_pdf(
     force: bool = False,
     max_input_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Run `prompt` over the pages of the PDF at `path`; `pages` like "1-5,8" limits the range.
+    """Run `prompt` over the pages of the PDF at `path` and store each page's answer.
 
-    `max_input_tokens` (default VRAMFLOW_MAX_INPUT_TOKENS) truncates longer pages.
+    Args:
+        path: The PDF file, as a path on the worker's host.
+        prompt: Instruction applied to every page.
+        model: The packaged default, a Hugging Face id, a local folder or a .gguf file.
+        max_new_tokens: Tokens generated per page (greedy decoding).
+        batch_size: Pages per model call and GPU slot hold.
+        password: Password of an encrypted PDF.
+        pages: Page range such as "1-5,8" (default: every page).
+        force: Redo pages already answered with this model, prompt and settings.
+        max_input_tokens: Page tokens kept; longer pages are truncated and flagged (default:
+            VRAMFLOW_MAX_INPUT_TOKENS).
     """
     settings = build_settings(
         prompt=prompt,
@@ -153,7 +164,10 @@ async def _process_document(
         summary, sha = await asyncio.to_thread(
             finish_document, settings, key, path, len(already), flow_run.id
         )
-        await publish_summary(summary, sha)
+        await asyncio.gather(
+            publish_summary(summary, sha),
+            publish_run_report(settings.resolved_database_url, key, summary, sha),
+        )
         return summary
 
     # The last progress update goes out while the summary is made and published.

@@ -14,7 +14,7 @@ from typing import Any
 
 from tasks.gpu_slot import gpu_slot
 from tasks.recording import store_call
-from vramflow import admission, gpu, models, slot_records, torch_thread
+from vramflow import admission, gpu, metrics, models, slot_records, torch_thread
 from vramflow.config import Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
@@ -98,9 +98,11 @@ def engine_parts(settings: Settings, device: str) -> EngineParts:
         )
 
     def load(spec: str) -> models.LoadedModel:
-        return models.cached_model(spec, dtype) or torch_thread.run(
-            models.load_model, spec, settings.model_cache_dir, dtype
-        )
+        if (cached := models.cached_model(spec, dtype)) is not None:
+            return cached
+        loaded = torch_thread.run(models.load_model, spec, settings.model_cache_dir, dtype)
+        metrics.model_loaded()
+        return loaded
 
     def should_yield(held_seconds: float) -> bool:
         # The device is this process's while pages wait, up to the hand-off time; past it, the
@@ -171,6 +173,7 @@ class DatabaseRecorder:
         self.slot_name, self.grants = slot_name, grants
 
     def hold_started(self, group: CallGroup, hold_id: str, hold: Any, device: str) -> None:
+        metrics.slot_waited(hold.wait_seconds)
         with session_scope(group.database_url) as session:
             queries.record_hold(
                 session,
@@ -195,6 +198,11 @@ class DatabaseRecorder:
     ) -> None:
         runs = {key: job.flow_run_id for key, job in jobs.items()}
         self.grants.learn(group.model, record)
+        metrics.record_call(record)
+        if record.outcome == "ok":
+            metrics.pages_finished(ok=len(record.pages), failed=0)
+        elif record.outcome != "oom" or len(record.pages) == 1:  # not split and tried again
+            metrics.pages_finished(ok=0, failed=len(record.pages))
         with session_scope(group.database_url) as session:
             store_call(session, record, {key: key for key in jobs}, hold_id, slot_wait, runs)
             if record.outcome == "ok":
@@ -209,6 +217,8 @@ class DatabaseRecorder:
         move_out: float,
         pages: int,
     ) -> None:
+        if hold.released_at is not None:
+            metrics.slot_held((hold.released_at - hold.acquired_at).total_seconds())
         with session_scope(group.database_url) as session:
             queries.finish_hold(
                 session,

@@ -22,7 +22,7 @@ from prefect.task_worker import serve
 from tasks import engine_host
 from tasks.gpu_slot import ensure_slot_limit
 from tasks.infer import infer_batch
-from vramflow import gpu, models, torch_thread
+from vramflow import gpu, metrics, models, torch_thread
 from vramflow.config import Settings
 from vramflow.db import workers
 from vramflow.db.schema import ensure_schema
@@ -84,6 +84,7 @@ def _heartbeat(settings: Settings, worker_id: str, stop: threading.Event) -> Non
     while not stop.wait(settings.gpu_worker_heartbeat_seconds):
         try:
             waiting = engine_host.engine_for(settings).pages_waiting
+            metrics.pages_waiting.set(waiting)
             with session_scope(settings.resolved_database_url) as session:
                 workers.beat(session, worker_id, waiting, models.cached_count())
         except Exception as exc:  # a missed beat is retried; the worker goes on

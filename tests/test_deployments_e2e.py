@@ -225,9 +225,14 @@ def test_a_run_triggered_through_the_api_stores_every_page_and_reports(
     artifacts = stack.artifacts(first_run["id"])
     progress = [a for a in artifacts if a["type"] == "progress"]
     assert [a["data"] for a in progress] == [100.0]
-    [summary] = [a for a in artifacts if a["type"] == "table"]
-    assert summary["key"].startswith("vramflow-summary-")
+    [summary] = [a for a in artifacts if (a["key"] or "").startswith("vramflow-summary-")]
     assert {"figure": "pages ok", "value": 4} in _table(summary)
+    [pages] = [a for a in artifacts if (a["key"] or "").startswith("vramflow-pages-")]
+    rows = _table(pages)
+    assert [(row["page"], row["status"]) for row in rows] == [(p, "ok") for p in (1, 2, 3, 4)]
+    assert all(row["attempts"] == 1 and row["peak memory"].endswith("RSS") for row in rows)
+    [picture] = [a for a in artifacts if (a["key"] or "").startswith("vramflow-picture-")]
+    assert picture["type"] == "markdown" and "](data:image/png;base64," in picture["data"]
 
 
 def _table(artifact: dict[str, Any]) -> list[dict[str, Any]]:

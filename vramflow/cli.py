@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from vramflow import cli_operators
 from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, PREFECT_SERVER_DEFAULTS, Settings
 from vramflow.errors import VramflowError
 
@@ -320,6 +321,10 @@ def serve(
         int | None, typer.Option(min=1, help="Most flow runs at once (default: no limit).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide Prefect's logs.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port (/metrics)."),
+    ] = None,
 ) -> None:
     """Serve the process-pdf, sweep-inbox and retry-failed deployments from this process.
 
@@ -327,7 +332,10 @@ def serve(
 
     Needs a Prefect server (PREFECT_API_URL); stopping pauses the schedules until the next start.
 
-    Example: PREFECT_API_URL=http://127.0.0.1:4200/api vramflow serve
+    With --metrics-port, Prometheus metrics (device memory, RSS, results by status) are served
+    on that port.
+
+    Example: PREFECT_API_URL=http://127.0.0.1:4200/api vramflow serve --metrics-port 9464
     """
     _prepare_prefect(not quiet)
     from prefect import serve as serve_deployments
@@ -340,7 +348,36 @@ def serve(
             "vramflow serve needs a Prefect server: start one with `prefect server start` and "
             "set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
         )
+    if metrics_port is not None:
+        _serve_metrics(metrics_port)
     serve_deployments(*deployments(retry_schedule_active=retry_schedule), limit=limit)
+
+
+def _serve_metrics(port: int) -> None:
+    """Device memory, RSS and the database's results by status on `port`."""
+    from vramflow import metrics
+    from vramflow.db.schema import ensure_schema
+    from vramflow.db.session import session_scope
+    from vramflow.db.status import result_counts
+
+    url = Settings().resolved_database_url
+    ensure_schema(url)
+
+    def read_results() -> dict[str, int]:
+        with session_scope(url) as session:
+            return result_counts(session)
+
+    metrics.watch_results(read_results)
+    try:
+        server = metrics.start_server(port)
+    except OSError as exc:  # the port is taken, or not ours to open
+        raise VramflowError(f"cannot serve metrics on port {port}: {exc}") from None
+    err.print(f"metrics at http://0.0.0.0:{server.server_port}/metrics")
+
+
+# What operators look at while runs go on: in a module of their own (cli_operators.py).
+app.command()(cli_operators.plot)
+app.command()(cli_operators.status)
 
 
 @app.command("gpu-worker")
@@ -361,6 +398,9 @@ def gpu_worker(
         list[str] | None,
         typer.Option(help="Model to load before the first batch (default: VRAMFLOW_MODEL)."),
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port.")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Hide Prefect's logs.")] = False,
 ) -> None:
     """Keep the model loaded and answer the batches of every flow run for one device.
@@ -378,6 +418,8 @@ def gpu_worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = {"device": device} if device else {}
     settings = Settings(**overrides)
+    if metrics_port is not None:
+        _serve_metrics(metrics_port)
     run_gpu_worker(settings, limit, preload if preload is not None else [settings.model])
 
 

@@ -253,3 +253,10 @@ def _slot_dir(records_dir: Path, name: str) -> Path:
     if not name or "/" in name or name in {".", ".."}:
         raise ConfigError(f"invalid slot name {name!r}")
     return Path(records_dir) / name
+
+
+def waiters(records_dir: Path, name: str) -> list[Waiter]:
+    """Live processes of this host waiting for slot `name`, longest waiting first."""
+    folder = _line_dir(records_dir, name)
+    found = _live_waiters(folder) if folder.is_dir() else []
+    return sorted(found, key=lambda w: (w.since, w.pid))
