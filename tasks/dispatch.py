@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # How often a batch sent to the GPU workers is looked at while it is not finished. Its end is
 # noticed at once (Prefect's event stream); this only paces the checks for lost work.
 CHECK_EVERY_SECONDS = 2.0
+# Pause before looking again at a task run the server has not recorded yet.
+NOT_RECORDED_PAUSE_SECONDS = 0.2
 
 
 class BatchRun(Protocol):
@@ -107,7 +109,7 @@ class RemoteBatch:
             extract.wait()
         future, sent = self._submit(), time.monotonic()
         while True:
-            future.wait(timeout=CHECK_EVERY_SECONDS)
+            _wait_a_while(future)
             state = _read_state(future)
             if state is not None and state.is_final():
                 if state.is_failed() or state.is_crashed() or state.is_cancelled():
@@ -170,6 +172,15 @@ class RemoteBatch:
                 NoGpuWorkerError.__name__,
                 self.failure,
             )
+
+
+def _wait_a_while(future: PrefectFuture) -> None:
+    """Until the task run ends, or for CHECK_EVERY_SECONDS. Prefect's wait refuses a task run
+    the server has not recorded yet (it writes task runs in batches): then pause briefly."""
+    try:
+        future.wait(timeout=CHECK_EVERY_SECONDS)
+    except RuntimeError:  # "has no state which means it hasn't started yet"
+        time.sleep(NOT_RECORDED_PAUSE_SECONDS)
 
 
 def _read_state(future: PrefectFuture) -> Any | None:

@@ -49,6 +49,7 @@ def run_gpu_worker(settings: Settings, limit: int, preload: list[str]) -> None:
         dtype = models.resolve_dtype(settings.dtype, device)
         for spec in preload:
             torch_thread.run(models.load_model, spec, settings.model_cache_dir, dtype)
+            metrics.model_loaded()
             log.info("model %s loaded", spec)
         engine_host.engine_for(settings)  # its thread is ready before the first batch
         log.info("GPU worker %s serving device %s (pid %d)", worker_id, device, os.getpid())

@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 from tests.support.corpus import CORPUS, needs_corpus
 from tests.support.gpu_workers import FAST_HEALTH, start_gpu_worker, wait_until_serving
 from tests.support.process_tree import stop_process_tree
-from tests.support.servers import REPO_ROOT, PrefectServer, clean_env, tail
+from tests.support.servers import REPO_ROOT, PrefectServer, clean_env, free_port, tail
 from vramflow.db.models import Attempt, Document, Result, SlotHold
 from vramflow.db.session import dispose_engines, session_scope
 
@@ -55,6 +55,7 @@ class Stack:
     gpu_worker_logs: list[Path]
     model: str
     root: Path
+    metrics_ports: list[int] = field(default_factory=list)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def trigger(self, deployment: str, **parameters: Any) -> str:
@@ -137,7 +138,11 @@ def stack(
     _prefect(env, "--no-prompt", "deploy", "--all")
     env.update(FAST_HEALTH, VRAMFLOW_INFERENCE="gpu-worker")
     gpu_logs = [root / f"gpu-worker-{n}.log" for n in (1, 2)]
-    gpu_workers = [start_gpu_worker(env, tiny_model_dir, log) for log in gpu_logs]
+    metrics_ports = [free_port() for _ in gpu_logs]
+    gpu_workers = [
+        start_gpu_worker(env, tiny_model_dir, log, "--metrics-port", str(port))
+        for log, port in zip(gpu_logs, metrics_ports, strict=True)
+    ]
     worker_env = {**env, "VRAMFLOW_REPO": str(REPO_ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"}
     log_path = root / "worker.log"
     with open(log_path, "wb") as log:
@@ -155,6 +160,7 @@ def stack(
             wait_until_serving(database_url, process, log)
         with httpx.Client(base_url=f"{prefect_server.api_url}/", timeout=30) as api:
             stack = Stack(api, database_url, log_path, gpu_logs, str(tiny_model_dir), root)
+            stack.metrics_ports = metrics_ports
             for flow in FLOWS:
                 stack.deployments[flow] = stack.call("GET", f"deployments/name/{flow}/{flow}")
             _pause_schedules(stack, stack.deployments["sweep-inbox"])  # no sweep but ours
@@ -233,6 +239,22 @@ def test_a_run_triggered_through_the_api_stores_every_page_and_reports(
     assert all(row["attempts"] == 1 and row["peak memory"].endswith("RSS") for row in rows)
     [picture] = [a for a in artifacts if (a["key"] or "").startswith("vramflow-picture-")]
     assert picture["type"] == "markdown" and "](data:image/png;base64," in picture["data"]
+
+
+def test_the_gpu_workers_metrics_show_the_calls_they_made(stack: Stack, first_run: dict[str, Any]):
+    """Between them, the two GPU workers loaded the model and answered the first run's pages."""
+    totals: dict[str, float] = {}
+    for port in stack.metrics_ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("vramflow_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                totals[name] = totals.get(name, 0.0) + float(value)
+    assert totals['vramflow_model_calls_total{outcome="ok"}'] >= 1
+    assert totals["vramflow_pages_done_total"] >= 4
+    assert totals["vramflow_tokens_out_total"] > 0
+    assert totals["vramflow_slot_hold_seconds_count"] >= 1
+    assert totals["vramflow_model_loads_total"] >= 1 and totals["vramflow_rss_bytes"] > 0
 
 
 def _table(artifact: dict[str, Any]) -> list[dict[str, Any]]:
