@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vramflow import batching, gpu, torch_thread
+from vramflow import batching, residency, torch_thread
 from vramflow.errors import ModelError, SlotError
 from vramflow.faults import injector_for
 from vramflow.inference import (
@@ -215,7 +215,7 @@ class Engine:
         grant differs)."""
         device, started = self.parts.device, time.monotonic()
         cap = self.parts.token_cap(loaded)
-        move_in = torch_thread.run(_bring_in, loaded, device, self.parts.torch_threads)
+        move_in = torch_thread.run(residency.bring_in, loaded, device, self.parts.torch_threads)
         move_out, pages, wait = 0.0, 0, hold.wait_seconds
         try:
             while (taken := self._take(loaded.spec, cap)) is not None:
@@ -225,7 +225,7 @@ class Engine:
                 if self.parts.should_yield(time.monotonic() - started):
                     break
         finally:
-            move_out += _take_off(loaded, device)
+            move_out += residency.take_off(loaded, device)
         return move_in, move_out, pages
 
     def _take(
@@ -339,28 +339,27 @@ class Engine:
 
     def _fail_group(self, group: CallGroup, exc: Exception, same_model: bool = False) -> None:
         """Fail every waiting request of `group` (of its model, with `same_model`)."""
-        with self._changed:
-            failed = [
-                r
-                for r in self._requests
-                if r.pending and (r.group.model == group.model if same_model else r.group == group)
-            ]
-            for request in failed:
-                self._requests.remove(request)
-                request.pending.clear()
-        for request in failed:
-            self._writer.submit(_fail, request, exc)
+        self._fail_where(
+            lambda r: (
+                bool(r.pending)
+                and (r.group.model == group.model if same_model else r.group == group)
+            ),
+            exc,
+        )
 
     def _fail_requests(self, requests: list[_Request], exc: Exception) -> None:
         """Fail requests whose pages were in a call that broke off."""
+        self._fail_where(lambda r: r in requests, exc)
+        self._in_call = []
+
+    def _fail_where(self, chosen: Callable[[_Request], bool], exc: Exception) -> None:
         with self._changed:
-            failed = [r for r in requests if r in self._requests]
+            failed = [r for r in self._requests if chosen(r)]
             for request in failed:
                 self._requests.remove(request)
                 request.pending.clear()
-        self._in_call = []
         for request in failed:
-            self._writer.submit(_fail, request, exc)
+            self._writer.submit(request.future.set_exception, exc)
 
     def _write(self, fn: Callable[..., None], *args: Any) -> Future:
         return self._writer.submit(fn, *args)
@@ -372,54 +371,20 @@ def _answer(request: _Request) -> None:
     if errors:
         request.future.set_exception(errors[0])
         return
+    number = {job.page.ident: job.page.page_number for job in request.jobs}
+    failed = request.outcome.failed
     started = request.first_call_at or request.queued_at
-    failed = {
-        _page_number(request, key): f"{record.error_type}: {record.error_message}"
-        for key, record in request.outcome.failed.items()
-    }
-    oom = [
-        _page_number(request, key)
-        for key, record in request.outcome.failed.items()
-        if record.outcome == "oom"
-    ]
     request.future.set_result(
         RequestOutcome(
-            ok=sorted(_page_number(request, key) for key in request.outcome.done),
-            failed=failed,
-            oom_failed=sorted(oom),
+            ok=sorted(number[key] for key in request.outcome.done),
+            failed={number[k]: f"{r.error_type}: {r.error_message}" for k, r in failed.items()},
+            oom_failed=sorted(number[k] for k, r in failed.items() if r.outcome == "oom"),
             queued_seconds=started - request.queued_at,
             slot_wait_seconds=request.slot_wait,
         )
     )
 
 
-def _fail(request: _Request, exc: Exception) -> None:
-    request.future.set_exception(exc)
-
-
-def _page_number(request: _Request, key: int) -> int:
-    return next(job.page.page_number for job in request.jobs if job.page.ident == key)
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _bring_in(loaded: Any, device: str, torch_threads: int | None) -> float:
-    """On the torch thread, holding the slot: torch's thread count, then the weights onto
-    `device`. Returns the seconds the move took."""
-    from vramflow import models
-
-    models.use_torch_threads(torch_threads)
-    return models.move_model(loaded, device)
-
-
-def _take_off(loaded: Any, device: str) -> float:
-    """Move the weights off `device` and hand its cached memory back to the driver (a garbage
-    collection first); returns the seconds the move took."""
-    from vramflow import models
-
-    seconds = torch_thread.run(models.move_model, loaded, "cpu")
-    gpu.free_memory(device)
-    return seconds
