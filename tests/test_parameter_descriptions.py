@@ -2,8 +2,8 @@
 
 The form shows the descriptions of the deployment's parameter schema, which Prefect takes from
 the flow's docstring ("Args:" section, Google style). Both ways of deploying are checked:
-`vramflow serve` builds the schema from the imported flow, `prefect deploy` from the source file
-named by the entrypoint in prefect.yaml, without importing it.
+`vramflow serve` builds the schema from the imported flow, `prefect deploy` from the flow it
+loads by the module path that prefect.yaml names as the entrypoint.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ def test_served_deployments_describe_every_parameter():
 
 @pytest.mark.parametrize("entrypoint", ENTRYPOINTS)
 def test_prefect_yaml_deployments_describe_every_parameter(entrypoint, monkeypatch):
-    from prefect.utilities.callables import parameter_schema_from_entrypoint
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
 
     monkeypatch.chdir(REPO)
-    schema = parameter_schema_from_entrypoint(entrypoint).model_dump()
+    # What `prefect deploy` does with a module-path entrypoint.
+    schema = parameter_schema(load_flow_from_entrypoint(entrypoint)).model_dump()
     assert schema["properties"], entrypoint
     assert _undescribed(schema) == [], f"{entrypoint}: parameters without a description"
