@@ -1,0 +1,61 @@
+"""The open-document task: what it reads, and what it records, before a document is accepted."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from prefect.logging import disable_run_logger
+from sqlalchemy import func, select
+
+from tasks.documents import open_document
+from vramflow.config import Settings
+from vramflow.db.models import Document
+from vramflow.db.session import session_scope
+from vramflow.errors import DocumentError, LimitExceededError
+
+DEMO = Path(__file__).resolve().parents[1] / "vramflow" / "demo" / "demo.pdf"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home")
+
+
+def test_a_huge_sparse_file_is_refused_before_it_is_hashed(tmp_path: Path, settings: Settings):
+    """20 GiB took 48 s of hashing before its size was checked; now only its size is read."""
+    path = tmp_path / "huge.pdf"
+    with open(path, "wb") as handle:
+        handle.write(b"%PDF-1.7\n")
+        handle.truncate(20 * 2**30)
+    started = time.perf_counter()
+    with disable_run_logger():
+        opened = open_document.fn(str(path), None, settings)
+    assert time.perf_counter() - started < 2
+    assert isinstance(opened.error, LimitExceededError)
+    assert "more than the limit of" in str(opened.error)
+    with pytest.raises(LimitExceededError):
+        opened.unwrap()
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_directory_or_a_fifo_is_not_called_missing(tmp_path: Path, settings: Settings, kind):
+    path = tmp_path / "x.pdf"
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    with disable_run_logger():
+        opened = open_document.fn(str(path), None, settings)
+    assert isinstance(opened.error, DocumentError)
+    assert "no such file" not in str(opened.error)
+    assert ("directory" if kind == "directory" else "named pipe (FIFO)") in str(opened.error)
+
+
+def test_a_readable_document_is_recorded_running(settings: Settings):
+    with disable_run_logger():
+        opened = open_document.fn(str(DEMO), None, settings)
+    document_id, pages = opened.unwrap()
+    assert pages == 6
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.scalar(select(func.count(Document.id))) == 1
+        assert session.get(Document, document_id).status == "running"
