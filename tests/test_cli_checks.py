@@ -6,19 +6,22 @@ These run the real command in a subprocess, without Prefect's server or a model.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import typer.main
+from sqlalchemy import update
 
 from vramflow.cli import app
 from vramflow.config import Settings
 from vramflow.db import queries
-from vramflow.db.models import Document
+from vramflow.db.models import Document, Result, utcnow
 from vramflow.db.schema import ensure_schema
 from vramflow.db.session import dispose_engines, session_scope
 from vramflow.pdf import file_sha256
@@ -135,3 +138,78 @@ def test_flow_parameters_that_are_settings_default_to_the_settings():
         for name, parameter in inspect.signature(flow.fn).parameters.items():
             if name in Settings.model_fields:
                 assert parameter.default is None, f"{flow.name}: {name}"
+
+
+# -- show ------------------------------------------------------------------------------------
+
+
+def _results(url: str, document_id: int, model: str, prompt: str, pages: dict[int, str]) -> None:
+    from vramflow.runs import generation_settings_json, key_parts
+
+    settings = Settings(model=model, prompt=prompt)
+    key = queries.ResultKey(document_id, *key_parts(settings))
+    with session_scope(url) as session:
+        ids = queries.start_results(
+            session, key, list(pages), prompt, generation_settings_json(settings), "run"
+        )
+        for page, status in pages.items():
+            if status == "ok":
+                queries.finish_result(session, ids[page], status="ok", output=f"{model} {page}")
+
+
+def test_show_prints_one_model_and_prompt_at_a_time(env, home):
+    document_id = record_done_demo(home)
+    url = database(home)
+    _results(url, document_id, "other-model", "Translate.", {1: "running", 2: "ok"})
+    with session_scope(url) as session:  # an hour older than the set written next
+        session.execute(update(Result).values(updated_at=utcnow() - timedelta(hours=1)))
+    _results(url, document_id, "smol", "Summarise.", {1: "ok", 2: "ok", 3: "ok"})
+    dispose_engines()
+
+    latest = [
+        json.loads(line)
+        for line in vramflow("show", str(DEMO), "--json", env=env).stdout.splitlines()
+    ]
+    assert [(r["page"], r["status"], r["model"]) for r in latest] == [
+        (1, "ok", "smol"),
+        (2, "ok", "smol"),
+        (3, "ok", "smol"),
+        (4, "pending", "smol"),
+        (5, "pending", "smol"),
+        (6, "pending", "smol"),
+    ]
+    older = vramflow("show", str(DEMO), "--json", "--model", "other-model", env=env)
+    rows = [json.loads(line) for line in older.stdout.splitlines()]
+    assert [(r["page"], r["status"]) for r in rows][:3] == [
+        (1, "running"),
+        (2, "ok"),
+        (3, "pending"),
+    ]
+    assert {r["model"] for r in rows} == {"other-model"}
+    every = vramflow("show", str(DEMO), "--json", "--all", env=env).stdout.splitlines()
+    assert len(every) == 12
+    text = vramflow("show", str(DEMO), env=env).stdout
+    assert "model smol, prompt 'Summarise.'" in text and "1 other model/prompt" in text
+    assert "other-model" not in text
+
+
+def test_show_json_of_a_document_that_failed_to_open(env, home):
+    url = database(home)
+    ensure_schema(url)
+    with session_scope(url) as session:
+        queries.record_document(
+            session,
+            sha256="ab" * 32,
+            path="/x/locked.pdf",
+            file_name="locked.pdf",
+            size_bytes=10,
+            status="failed",
+            error_type="EncryptedPdfError",
+            error_message="/x/locked.pdf is encrypted: pass its password",
+        )
+    dispose_engines()
+    done = vramflow("show", "locked.pdf", "--json", env=env)
+    assert done.returncode == 0
+    [row] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["status"] == "failed" and row["document"] == "locked.pdf"
+    assert row["error"] == "EncryptedPdfError: /x/locked.pdf is encrypted: pass its password"

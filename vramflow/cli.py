@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -108,54 +108,41 @@ def run(
 def show(
     document: Annotated[str, typer.Argument(help="PDF file, sha256 prefix or file name.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per page.")] = False,
-    model: Annotated[str | None, typer.Option(help="Only results of this model.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Only results of this prompt.")] = None,
+    model: Annotated[str | None, typer.Option(help="Results of this model.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Results of this prompt.")] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Every model and prompt, one group each.")
+    ] = False,
 ) -> None:
-    """Print a document's stored answers page by page.
+    """Print a document's stored answers page by page, for one model and prompt: the latest
+    run's unless --model/--prompt choose (--all: every one, grouped).
 
     Example: vramflow show report.pdf --json
     """
-    from vramflow import pdf
+    from vramflow import cli_show, pdf
     from vramflow.db import reports
     from vramflow.db.schema import ensure_schema
     from vramflow.db.session import session_scope
-    from vramflow.models import model_identity
     from vramflow.runs import _sha
 
     settings = Settings()
     ensure_schema(settings.resolved_database_url)
     path = Path(document)
     sha = pdf.file_sha256(path) if path.is_file() else None
+    model_id = None
+    if model:
+        from vramflow.models import model_identity  # imports torch: only when asked
+
+        model_id = model_identity(model)
     with session_scope(settings.resolved_database_url) as session:
         found = reports.find_documents(session, document, sha)
         if not found:
             raise VramflowError(f"no stored document matches {document!r}")
         for doc in found:
-            rows = reports.page_rows(
-                session,
-                doc,
-                model_identity(model) if model else None,
-                _sha(prompt) if prompt else None,
-            )
-            _print_document(doc, rows, as_json)
-
-
-def _print_document(doc: Any, rows: list[dict[str, Any]], as_json: bool) -> None:
-    if as_json:
-        for row in rows:
-            sys.stdout.write(
-                json.dumps(
-                    {"document": doc.file_name, "sha256": doc.sha256, **row}, ensure_ascii=False
-                )
-                + "\n"
-            )
-        return
-    console.rule(f"{doc.file_name} ({doc.status}, {doc.page_count or 0} pages)")
-    if doc.error_message:
-        console.print(f"{doc.error_type}: {doc.error_message}", style="red", markup=False)
-    for row in rows:
-        body = escape(row["output"] or row["error"] or "")
-        console.print(f"[bold]page {row['page']}[/bold] ({row['status']}) {body}", highlight=False)
+            sets = reports.result_sets(session, doc, model_id, _sha(prompt) if prompt else None)
+            if (model or prompt) and not sets:
+                raise VramflowError(f"{doc.file_name} has no results for that model and prompt")
+            cli_show.show_document(console, session, doc, sets, every, as_json)
 
 
 @app.command()
