@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,33 @@ def run_files(
         for file in files:
             started, since = time.perf_counter(), utcnow()
             try:
-                state = asyncio.run(flow(path=str(file), **parameters, return_state=True))
+                state = _run_in_thread(flow(path=str(file), **parameters, return_state=True))
             except KeyboardInterrupt:
                 _stop(err, settings, file, since)
             summary = _summary(file, state)
             summary["wall_seconds"] = time.perf_counter() - started
             summaries.append(summary)
     return summaries
+
+
+def _run_in_thread(coroutine: Any) -> Any:
+    """Run the flow on a thread of its own, so that Ctrl-C reaches this (main) thread at once:
+    `asyncio.run` in the main thread would first wait for the batches in flight to finish."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["state"] = asyncio.run(coroutine)
+        except BaseException as exc:  # handed to the main thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="vramflow-run", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a join with a timeout lets KeyboardInterrupt through
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["state"]
 
 
 def start_temporary_server(settings: Settings, err: Console) -> None:
@@ -104,8 +125,6 @@ def _stop(err: Console, settings: Settings, file: Path, since: Any) -> None:
     Exiting without waiting: the task runner's threads would otherwise finish their batches
     first. What they have not stored is not done, and a re-run does it.
     """
-    from prefect.server.api.server import SubprocessASGIServer
-
     from vramflow import pdf
     from vramflow.db.queries import mark_stopped
     from vramflow.db.session import session_scope
@@ -120,9 +139,8 @@ def _stop(err: Console, settings: Settings, file: Path, since: Any) -> None:
         soft_wrap=True,
     )
     pdf.shutdown_workers()
-    SubprocessASGIServer().stop()
-    for record in _server_record:
-        record.unlink(missing_ok=True)
+    for record in _server_record:  # by its pid: exiting here skips Prefect's own clean-up
+        orphans.stop_recorded(record)
     err.file.flush()
     os._exit(INTERRUPTED_EXIT)
 

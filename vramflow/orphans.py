@@ -43,6 +43,17 @@ def record_server(folder: Path, server_pid: int) -> Path:
     return path
 
 
+def stop_recorded(path: Path) -> None:
+    """Stop the server of this record (this process's own, at an exit that skips Prefect's
+    clean-up) and remove the record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    _stop(record["server_pid"], record["server_created"])
+    path.unlink(missing_ok=True)
+
+
 def stop_orphans(folder: Path) -> list[int]:
     """Stop the recorded servers whose recording process has gone; returns their pids."""
     stopped = []
