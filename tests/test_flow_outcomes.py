@@ -167,3 +167,18 @@ def test_a_password_is_stored_nowhere(env, tiny_model_dir, tmp_path):
         assert not any(secret in text for text in seen), secret
         # The Secret block keeps its value encrypted; nothing else has it at all.
         assert not any(secret.encode() in data for data in stored), secret
+
+
+def test_the_sweep_still_counts_a_partial_document_as_processed():
+    from prefect.states import Failed
+
+    from tasks.outcomes import outcome_of_run
+
+    partial = {"status": "partial", "pages_ok": 5, "pages_failed": 1}
+    outcome = outcome_of_run("a.pdf", Failed(message="a.pdf: 1 of 6 pages failed", data=partial))
+    assert (outcome.outcome, outcome.detail) == ("processed", "partial: 5 ok, 1 failed")
+    refused = outcome_of_run("b.pdf", Failed(message="b.pdf is encrypted: pass its password"))
+    assert (refused.outcome, refused.detail) == (
+        "failed",
+        "Failed: b.pdf is encrypted: pass its password",
+    )
