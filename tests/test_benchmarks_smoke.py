@@ -72,7 +72,7 @@ def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert row["peak_rss_bytes"] > 0
     for name in ("flow_batch1", "flow_best"):
         assert 0 < by_name[name]["slot_busy_fraction"] <= 1
-    assert "device:" in stderr and "database:" in stderr
+    assert "device:" in stderr and "database:" in stderr and str(shared) not in stderr
 
 
 def test_sweep_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -68,7 +68,12 @@ def run(
     pages: Annotated[str | None, typer.Option(help="Page range, e.g. '1-5,8'.")] = None,
     password: Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")] = None,
     force: Annotated[bool, typer.Option(help="Redo pages already done.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect logs.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Show Prefect logs (tracebacks: PREFECT_LOGGING_LEVEL=DEBUG)."
+        ),
+    ] = False,
 ) -> None:
     """Run the model over every page of FILES and store the answers.
 
