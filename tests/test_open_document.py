@@ -59,3 +59,17 @@ def test_a_readable_document_is_recorded_running(settings: Settings):
     with session_scope(settings.resolved_database_url) as session:
         assert session.scalar(select(func.count(Document.id))) == 1
         assert session.get(Document, document_id).status == "running"
+
+
+def test_the_inbox_sweep_does_not_hash_a_file_over_the_size_limit(tmp_path, settings):
+    from tasks.inbox import scan_inbox
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with open(inbox / "huge.pdf", "wb") as handle:
+        handle.truncate(20 * 2**30)
+    started = time.perf_counter()
+    with disable_run_logger():
+        [found] = scan_inbox.fn(str(inbox), settings)
+    assert time.perf_counter() - started < 2
+    assert found.status == "unreadable" and "more than the limit" in found.detail
