@@ -176,7 +176,7 @@ def _pause_schedules(stack: Stack, deployment: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def first_run(stack: Stack) -> dict[str, Any]:
-    """process-pdf over a 4-page corpus PDF, triggered through the REST API."""
+    """process-pdf over a 4-page PDF made by the test, triggered through the REST API."""
     run_id = stack.trigger(
         "process-pdf",
         path=str(stack.root / "pdfs" / FIRST_PDF),
