@@ -97,13 +97,17 @@ def _failed(
     ensure_schema(settings.resolved_database_url)
     base = _identity(file, sha256 or pdf.file_sha256(file))
     with session_scope(settings.resolved_database_url) as session:
-        queries.record_document(
-            session,
-            **base,
-            status="failed",
-            error_type=type(exc).__name__,
-            error_message=str(exc),
-        )
+        known = queries.find_document(session, base["sha256"])
+        # A document these bytes already made (done, partial) stays as it was: the failure
+        # belongs to this run (a wrong password, a time limit), not to the document.
+        if known is None or known.status == "failed":
+            queries.record_document(
+                session,
+                **base,
+                status="failed",
+                error_type=type(exc).__name__,
+                error_message=str(exc),
+            )
     logger = get_run_logger()
     logger.error("%s", exc)
     logger.debug("why %s could not be opened", file.name, exc_info=exc)

@@ -73,3 +73,37 @@ def test_the_inbox_sweep_does_not_hash_a_file_over_the_size_limit(tmp_path, sett
         [found] = scan_inbox.fn(str(inbox), settings)
     assert time.perf_counter() - started < 2
     assert found.status == "unreadable" and "more than the limit" in found.detail
+
+
+def test_a_wrong_password_leaves_a_finished_document_as_it_was(tmp_path, settings):
+    from pydantic import SecretStr
+    from pypdf import PdfWriter
+
+    from vramflow.db import queries
+    from vramflow.db.schema import ensure_schema
+    from vramflow.pdf import file_sha256
+
+    locked = tmp_path / "locked.pdf"
+    writer = PdfWriter(clone_from=DEMO)
+    writer.encrypt(user_password="right", algorithm="AES-256")
+    with open(locked, "wb") as handle:
+        writer.write(handle)
+    url = settings.resolved_database_url
+    ensure_schema(url)
+    with session_scope(url) as session:
+        document_id = queries.record_document(
+            session,
+            sha256=file_sha256(locked),
+            path=str(locked),
+            file_name=locked.name,
+            size_bytes=locked.stat().st_size,
+            page_count=6,
+            encrypted=True,
+            status="done",
+        )
+    with disable_run_logger():
+        opened = open_document.fn(str(locked), SecretStr("wrong"), settings)
+    assert "wrong password" in str(opened.error)
+    with session_scope(url) as session:
+        document = session.get(Document, document_id)
+        assert (document.status, document.error_message) == ("done", None)
