@@ -45,6 +45,18 @@ def _encrypted_copy(path: Path, password: str) -> Path:
     return path
 
 
+def _broken_encryption(path: Path) -> Path:
+    """An encrypted PDF whose encryption dictionary names a handler that does not exist."""
+    from pypdf import PdfWriter
+
+    writer = PdfWriter(clone_from=DEMO)
+    writer.encrypt(user_password="x", algorithm="RC4-128")
+    with open(path, "wb") as handle:
+        writer.write(handle)
+    path.write_bytes(path.read_bytes().replace(b"/Filter /Standard", b"/Filter /Bogus!!!", 1))
+    return path
+
+
 def test_a_document_with_failed_pages_ends_failed_and_retry_failed_finds_it(
     env, tiny_model_dir, monkeypatch
 ):
@@ -68,6 +80,7 @@ def test_a_document_with_failed_pages_ends_failed_and_retry_failed_finds_it(
     [
         (lambda tmp: _encrypted_copy(tmp / "locked.pdf", "s3cret"), "is encrypted: pass its"),
         (lambda tmp: (tmp / "b.pdf").write_bytes(b"%PDF-1.7\n garbage") and tmp / "b.pdf", ""),
+        (lambda tmp: _broken_encryption(tmp / "c.pdf"), "only Standard PDF encryption handler"),
     ],
 )
 def test_an_expected_document_failure_logs_one_line_and_no_traceback(
