@@ -45,6 +45,7 @@ FIRST_PDF = "four-pages.pdf"
 SWEEP_PDF = "one-page.pdf"
 PAIR = ("five-pages.pdf", "six-pages.pdf")
 PAGES = {FIRST_PDF: 4, SWEEP_PDF: 1, PAIR[0]: 5, PAIR[1]: 6}
+LOCKED_PDF = "locked.pdf"  # encrypted, password "s3cret"
 
 
 def _make_pdfs(folder: Path) -> Path:
@@ -52,6 +53,12 @@ def _make_pdfs(folder: Path) -> Path:
     for name, count in PAGES.items():
         texts = [f"{name}, page {n}: the pump in hall {n} was serviced." for n in range(count)]
         write_text_pdf(folder / name, texts, title=name)
+    from pypdf import PdfWriter
+
+    writer = PdfWriter(clone_from=folder / SWEEP_PDF)
+    writer.encrypt(user_password="s3cret", algorithm="AES-256")
+    with open(folder / LOCKED_PDF, "wb") as handle:
+        writer.write(handle)
     return folder
 
 
@@ -83,8 +90,11 @@ class Stack:
         response.raise_for_status()
         return response.json()
 
-    def wait(self, run_id: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
-        """The flow run once it is final; fails unless Completed, with its logs and the worker's."""
+    def wait(
+        self, run_id: str, timeout: float = RUN_TIMEOUT_S, expect: str = "COMPLETED"
+    ) -> dict[str, Any]:
+        """The flow run once it is final; fails unless in state `expect`, with its logs and the
+        worker's."""
         deadline = time.monotonic() + timeout
         while True:
             run = self.call("GET", f"flow_runs/{run_id}")
@@ -92,7 +102,7 @@ class Stack:
             if state in FINAL_STATES or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        if state != "COMPLETED":
+        if state != expect:
             pytest.fail(
                 f"flow run {run['name']} ({run_id}) is {state} after up to {timeout:.0f} s: "
                 f"{(run.get('state') or {}).get('message')}\n{self.run_logs(run_id)}\n"
@@ -363,3 +373,14 @@ def test_eight_concurrent_triggers_are_all_accepted_on_postgres(stack: Stack):
         for response in responses:
             if response.status_code == 201:
                 stack.api.delete(f"flow_runs/{response.json()['id']}")
+
+
+def test_an_encrypted_file_without_its_password_fails_in_one_line(stack: Stack):
+    """The run ends Failed with the reason; neither its logs nor the worker's show a traceback."""
+    before = stack.worker_log.read_text(errors="replace").count("Traceback")
+    run_id = stack.trigger("process-pdf", path=str(stack.root / "pdfs" / LOCKED_PDF))
+    run = stack.wait(run_id, expect="FAILED")
+    assert "locked.pdf is encrypted: pass its password" in run["state"]["message"]
+    logs = stack.run_logs(run_id)
+    assert "is encrypted: pass its password" in logs and "Traceback" not in logs
+    assert stack.worker_log.read_text(errors="replace").count("Traceback") == before
