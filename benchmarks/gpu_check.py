@@ -33,6 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from isolation import own_state  # noqa: E402
 from pages import build_page_set  # noqa: E402
 from server import temporary_prefect_server  # noqa: E402
 from throughput import say, work_folder  # noqa: E402
@@ -416,8 +417,8 @@ def main_role(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     args.pdf, pages_from = build_page_set(work, max(OOM_BATCH, args.pages_per_worker))
     say(f"pages: {pages_from}")
     env = dict(os.environ)
+    own_state(env, work / "vramflow")
     env.update(
-        VRAMFLOW_HOME=str(work / "vramflow"),
         VRAMFLOW_MAX_INPUT_TOKENS="384",
         VRAMFLOW_MAX_NEW_TOKENS=str(args.max_new_tokens),
         VRAMFLOW_DEVICE=args.device,

@@ -31,6 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from isolation import own_state  # noqa: E402
 from pages import build_page_set, warmup_pdf  # noqa: E402
 from server import temporary_prefect_server  # noqa: E402
 
@@ -160,12 +161,9 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[
     from vramflow import gpu, models, torch_thread
     from vramflow.pdf import start_workers
 
-    os.environ.update(
-        VRAMFLOW_HOME=str(work / "vramflow"),
-        PREFECT_HOME=str(work / "prefect"),
-        VRAMFLOW_MAX_INPUT_TOKENS=str(args.max_input_tokens),
-        VRAMFLOW_INFERENCE="in-process",  # the engine in this process, on a server of its own
-    )
+    own_state(os.environ, work / "vramflow", VRAMFLOW_MAX_INPUT_TOKENS=str(args.max_input_tokens))
+    os.environ["PREFECT_HOME"] = str(work / "prefect")
+    os.environ["VRAMFLOW_INFERENCE"] = "in-process"  # the engine in this process
     # Loaded here from --model-cache-dir, where the flow (which looks under its fresh home)
     # finds it in the process's cache, on the thread it uses for torch.
     settings = Settings()

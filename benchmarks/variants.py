@@ -33,6 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from isolation import own_state  # noqa: E402
 from meter import CallMeter, Intervals, cpu_stall_us, device_name, peak_rss_bytes  # noqa: E402
 from pages import DEMO_PAGES, warmup_pdf  # noqa: E402
 
@@ -103,8 +104,9 @@ class Sampler:
 
 def _isolate(args: argparse.Namespace) -> None:
     """Point vramflow and Prefect at fresh folders (a fresh database, a fresh temporary server)."""
-    os.environ["VRAMFLOW_HOME"] = str(args.home / "vramflow")
-    os.environ["VRAMFLOW_MAX_INPUT_TOKENS"] = str(args.max_input_tokens)
+    own_state(
+        os.environ, args.home / "vramflow", VRAMFLOW_MAX_INPUT_TOKENS=str(args.max_input_tokens)
+    )
     os.environ["PREFECT_HOME"] = str(args.home / "prefect")
     # The flow variants measure the engine in the flow's own process, also on a server of their
     # own; benchmarks/resident.py measures GPU workers.

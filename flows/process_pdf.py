@@ -16,11 +16,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
+from prefect.blocks.system import Secret
 from prefect.context import SyncClientContext
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import ValidationError
+from pydantic import SecretStr
 
 from tasks.dispatch import BatchRun, start_batch
 from tasks.documents import open_document
@@ -28,12 +30,12 @@ from tasks.extract import extract_page
 from tasks.infer import infer_batch
 from tasks.report import ProgressReport, publish_summary
 from tasks.run_report import publish_run_report
-from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings
+from vramflow.config import Settings, resolve_settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
-from vramflow.errors import ConfigError
+from vramflow.errors import ConfigError, DocumentError
 from vramflow.extraction_budget import ExtractionBudget
-from vramflow.runs import key_parts, parse_page_range, validate_prompt
+from vramflow.runs import check_page_range, key_parts, parse_page_range, validate_prompt
 
 # Batches in flight per document, counting the one being answered. Two keep the device busy
 # when extracting a batch takes less time than inferring one; the third is slack for pages
@@ -46,13 +48,8 @@ def _run_name() -> str:
 
 
 def build_settings(**overrides: Any) -> Settings:
-    """Environment settings with this run's parameters on top; validated like the environment."""
-    values = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return Settings.model_validate({**Settings().model_dump(), **values})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid settings: {problems}") from None
+    """Environment settings with this run's parameters on top (None: not given)."""
+    return resolve_settings(**overrides)
 
 
 @flow(
@@ -63,51 +60,99 @@ def build_settings(**overrides: Any) -> Settings:
 )
 async def process_pdf(
     path: str,
-    prompt: str = DEFAULT_PROMPT,
-    model: str = DEFAULT_MODEL,
-    max_new_tokens: int = 64,
-    batch_size: int = 4,
-    password: str | None = None,
+    prompt: str | None = None,
+    model: str | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    password: SecretStr | None = None,
+    password_secret: str | None = None,
     pages: str | None = None,
     force: bool = False,
     max_input_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Run `prompt` over the pages of the PDF at `path` and store each page's answer.
+) -> dict[str, Any] | State:
+    """Run the prompt over the pages of the PDF at `path` and store an answer per page.
+
+    The run ends Failed, with the reason in its message, when the document cannot be opened or
+    any of its pages failed; the summary is still its result.
 
     Args:
-        path: The PDF file, as a path on the worker's host.
-        prompt: Instruction applied to every page.
-        model: The packaged default, a Hugging Face id, a local folder or a .gguf file.
-        max_new_tokens: Tokens generated per page (greedy decoding).
-        batch_size: Pages per model call and GPU slot hold.
-        password: Password of an encrypted PDF.
-        pages: Page range such as "1-5,8" (default: every page).
-        force: Redo pages already answered with this model, prompt and settings.
-        max_input_tokens: Page tokens kept; longer pages are truncated and flagged (default:
-            VRAMFLOW_MAX_INPUT_TOKENS).
+        path: The PDF, a path on the host that runs the flow.
+        prompt: Instruction applied to every page (default: VRAMFLOW_PROMPT).
+        model: The packaged default, a Hugging Face id, a local folder or a .gguf file
+            (default: VRAMFLOW_MODEL).
+        max_new_tokens: Tokens generated per page (default: VRAMFLOW_MAX_NEW_TOKENS).
+        batch_size: Pages per batch sent to the model; a model call may also carry pages of
+            other runs (default: VRAMFLOW_BATCH_SIZE).
+        password: Password of an encrypted PDF. Prefect stores it as "**********" when the
+            flow is called from Python; from the UI or the REST API use `password_secret`.
+        password_secret: Name of a Prefect Secret block holding the password.
+        pages: Page range such as "1-5,8" or "10-" (default: every page).
+        force: Redo pages already done for this model, prompt and settings.
+        max_input_tokens: Page tokens kept; longer pages are truncated
+            (default: VRAMFLOW_MAX_INPUT_TOKENS).
     """
-    settings = build_settings(
-        prompt=prompt,
-        model=model,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        max_input_tokens=max_input_tokens,
-    )
-    validate_prompt(settings)
+    logger = get_run_logger()
+    try:
+        # Everything a bad parameter can break is checked before the document is touched: a
+        # refused run leaves a finished document as it was.
+        settings = build_settings(
+            prompt=prompt,
+            model=model,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_input_tokens=max_input_tokens,
+        )
+        validate_prompt(settings)
+        check_page_range(pages)
+        secret = await read_password(password, password_secret)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return Failed(message=str(exc))
     # Task runs take their API client from the context they were submitted in. A sync flow
     # leaves its client there; an async flow does not, and every task run would then build and
     # check a client of its own, which delayed the first extraction by 0.2 s in a 16-page run.
     with SyncClientContext.get_or_create():
-        return await _process_document(path, password, pages, force, settings)
+        try:
+            summary = await _process_document(path, secret, pages, force, settings)
+        except DocumentError as exc:  # bad input, already logged in one line: no traceback
+            return Failed(message=str(exc))
+    return final_state(summary)
+
+
+async def read_password(password: SecretStr | None, secret_block: str | None) -> SecretStr | None:
+    """The password given, or the value of the Prefect Secret block named `secret_block`."""
+    if secret_block is None:
+        return password
+    if password is not None:
+        raise ConfigError("give either password or password_secret, not both")
+    try:
+        block = await Secret.aload(secret_block)
+    except ValueError as exc:
+        raise ConfigError(f"no Prefect Secret block named {secret_block!r} ({exc})") from None
+    return SecretStr(str(block.get()))
+
+
+def final_state(summary: dict[str, Any]) -> dict[str, Any] | State:
+    """The summary; wrapped in a Failed state (so the UI and automations see it) when any page
+    failed. `retry-failed` finds such documents in the database, not by this state."""
+    failed = summary["pages_failed"]
+    if not failed:
+        return summary
+    pages = failed + summary["pages_ok"] + summary["pages_no_text"]
+    reasons = "; ".join(f"page {page}: {error}" for page, error in summary["errors"][:3])
+    more = " ..." if len(summary["errors"]) > 3 else ""
+    message = f"{summary['file']}: {failed} of {pages} pages failed ({reasons}{more})"
+    return Failed(message=message[:1000], data=summary)
 
 
 async def _process_document(
-    path: str, password: str | None, pages: str | None, force: bool, settings: Settings
+    path: str, password: SecretStr | None, pages: str | None, force: bool, settings: Settings
 ) -> dict[str, Any]:
     """Open the file, extract and infer its pages batch by batch, and publish the summary."""
     logger = get_run_logger()
     opening = time.monotonic()
-    document_id, page_count = await asyncio.to_thread(open_document, path, password, settings)
+    opened = await asyncio.to_thread(open_document, path, password, settings)
+    document_id, page_count = opened.unwrap()
     # The document's extraction time limit: opening it counts, waiting for the model does not.
     budget = ExtractionBudget(settings.document_timeout_seconds, time.monotonic() - opening)
     numbers = parse_page_range(pages, page_count)

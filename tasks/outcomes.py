@@ -28,15 +28,20 @@ def failed_outcome(file: str, state: State, run_id: str | None = None) -> Outcom
 
 
 def outcome_of_run(file: str, state: State) -> Outcome:
-    """Read a `process-pdf` subflow's final state: done or partial counts as processed."""
+    """Read a `process-pdf` subflow's final state: done or partial counts as processed. A run
+    with failed pages ends Failed but still carries its summary."""
     run_id = str(state.state_details.flow_run_id or "") or None
-    if not state.is_completed():
-        return failed_outcome(file, state, run_id)
     try:
-        summary = state.result()
+        summary = state.result(raise_on_failure=False)
     except Exception as exc:  # the result may not be readable in another process
+        if not state.is_completed():
+            return failed_outcome(file, state, run_id)
         return Outcome(file, "processed", f"result unreadable: {exc}"[:300], run_id)
-    status = summary.get("status", "?") if isinstance(summary, dict) else "?"
+    if not isinstance(summary, dict) or "status" not in summary:
+        if not state.is_completed():
+            return failed_outcome(file, state, run_id)
+        return Outcome(file, "processed", "?: no summary", run_id)
+    status = summary["status"]
     detail = f"{status}: {summary.get('pages_ok', 0)} ok, {summary.get('pages_failed', 0)} failed"
     return Outcome(file, "failed" if status == "failed" else "processed", detail, run_id)
 

@@ -28,11 +28,14 @@ KEYS = {
 }
 
 
-def run_json(script: str, options: list[str], model: Path, folder: Path) -> tuple[list, str]:
-    """Run a benchmark script with `--json` on a temporary server of its own: (rows, stderr)."""
+def run_json(
+    script: str, options: list[str], model: Path, folder: Path, **caller: str
+) -> tuple[list, str]:
+    """Run a benchmark script with `--json` on a temporary server of its own: (rows, stderr).
+    `caller`: more environment variables of the caller, which the benchmark must not use."""
     command = [sys.executable, str(REPO / "benchmarks" / script), "--json", *options]
     command += ["--model", str(model), "--model-cache-dir", str(folder / "models")]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | caller
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout), done.stderr
@@ -40,7 +43,16 @@ def run_json(script: str, options: list[str], model: Path, folder: Path) -> tupl
 
 def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     options = ["--pages", "3", "--max-new-tokens", "2", "--batch-sizes", "2"]
-    rows, stderr = run_json("throughput.py", options, tiny_model_dir, tmp_path)
+    # A caller's own database (and other settings) once reached every variant: the second
+    # found every page done and the run failed.
+    shared = tmp_path / "callers.db"
+    caller = {
+        "VRAMFLOW_DATABASE_URL": f"sqlite:///{shared}",
+        "VRAMFLOW_HOME": str(tmp_path / "callers-home"),
+        "VRAMFLOW_MODEL": "no-such-model",
+    }
+    rows, stderr = run_json("throughput.py", options, tiny_model_dir, tmp_path, **caller)
+    assert not shared.exists() and not (tmp_path / "callers-home").exists()
 
     assert [row["name"] for row in rows] == NAMES
     assert all(set(row) == KEYS for row in rows)
@@ -60,7 +72,7 @@ def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert row["peak_rss_bytes"] > 0
     for name in ("flow_batch1", "flow_best"):
         assert 0 < by_name[name]["slot_busy_fraction"] <= 1
-    assert "device:" in stderr and "database:" in stderr
+    assert "device:" in stderr and "database:" in stderr and str(shared) not in stderr
 
 
 def test_sweep_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -98,12 +98,19 @@ def test_run_then_show_json_and_a_broken_file(cli_env, tiny_model_dir, tmp_path)
         env=cli_env,
     )
     assert done.returncode == 1, done.stderr  # one document failed
-    assert "broken.pdf" in done.stdout and "Traceback" not in done.stdout + done.stderr
-    assert "demo.pdf" in done.stdout and "done" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    rows = summary_rows(done.stdout)
+    assert rows["demo.pdf"][0] == "done" and rows["broken.pdf"][0] == "failed", done.stdout
     shown = vramflow("show", str(demo), "--json", env=cli_env)
-    rows = [json.loads(line) for line in shown.stdout.splitlines()]
+    every = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [(r["page"], r["status"]) for r in every[3:]] == [
+        (4, "pending"),
+        (5, "pending"),
+        (6, "pending"),
+    ]
+    rows = every[:3]
     assert [r["page"] for r in rows] == [1, 2, 3]
-    assert all(set(r) >= SHOW_FIELDS for r in rows)
+    assert all(set(r) >= SHOW_FIELDS for r in every)
     assert all(r["status"] == "ok" and r["device"] == "cpu" and r["attempts"] == 1 for r in rows)
     assert all(r["infer_started_at"].endswith("Z") and r["peak_vram_bytes"] is None for r in rows)
     again = vramflow(
@@ -117,4 +124,16 @@ def test_run_then_show_json_and_a_broken_file(cli_env, tiny_model_dir, tmp_path)
         "1-3",
         env=cli_env,
     )
-    assert again.returncode == 0 and "already done" in again.stdout
+    assert again.returncode == 0 and "all 3 pages already done" in again.stdout
+    # ok, failed, no text, done before, pages/s: nothing was inferred again
+    assert summary_rows(again.stdout)["demo.pdf"][:6] == ["done", "3", "0", "0", "3", "0.00"]
+
+
+def summary_rows(stdout: str) -> dict[str, list[str]]:
+    """The run summary table's rows by document: status, ok, failed, ... (not the header)."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃").split("│")]
+        if len(cells) == 9 and cells[0].endswith(".pdf"):
+            rows[cells[0]] = cells[1:]
+    return rows

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -216,11 +217,51 @@ def test_files_that_are_not_pdfs(tmp_path: Path, content: bytes, error: type, me
     assert str(path) in str(raised.value)
 
 
-def test_missing_file_and_folder(tmp_path: Path) -> None:
-    with pytest.raises(DocumentError, match="FileNotFoundError"):
-        pdf.open_document(tmp_path / "missing.pdf", **LIMITS)
-    with pytest.raises(DocumentError, match="not a regular file"):
-        pdf.open_document(tmp_path, **LIMITS)
+def _fifo(tmp_path: Path) -> Path:
+    os.mkfifo(tmp_path / "pipe.pdf")
+    return tmp_path / "pipe.pdf"
+
+
+def _loop(tmp_path: Path) -> Path:
+    (tmp_path / "loop.pdf").symlink_to(tmp_path / "loop.pdf")
+    return tmp_path / "loop.pdf"
+
+
+def _dangling(tmp_path: Path) -> Path:
+    (tmp_path / "dangling.pdf").symlink_to(tmp_path / "gone.pdf")
+    return tmp_path / "dangling.pdf"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp / "missing.pdf", "missing.pdf: no such file"),
+        (lambda tmp: tmp, "is a directory, not a PDF file"),
+        (_fifo, "pipe.pdf is a named pipe (FIFO), not a PDF file"),
+        (_loop, "loop.pdf: symbolic link loop"),
+        (_dangling, "dangling.pdf: no such file (a symbolic link to a missing file)"),
+    ],
+)
+def test_each_kind_of_bad_path_has_its_own_one_line_message(tmp_path: Path, make, message):
+    path = make(tmp_path)
+    started = time.perf_counter()
+    with pytest.raises(DocumentError) as raised:
+        pdf.open_document(path, **LIMITS)  # a FIFO must not be opened: that would block
+    assert time.perf_counter() - started < 5
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert type(raised.value).__name__ == "DocumentError"
+
+
+def test_a_huge_sparse_file_is_refused_before_a_byte_is_read(tmp_path: Path) -> None:
+    """20 GiB that took 48 s to hash before its size was checked; now only its size is read."""
+    path = tmp_path / "huge.pdf"
+    with open(path, "wb") as handle:
+        handle.write(b"%PDF-1.7\n")
+        handle.truncate(20 * 2**30)
+    started = time.perf_counter()
+    with pytest.raises(LimitExceededError, match="more than the limit of"):
+        pdf.open_document(path, **LIMITS)
+    assert time.perf_counter() - started < 2
 
 
 def test_file_size_limit_checked_before_reading(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from vramflow.config import Settings
 from vramflow.errors import ConfigError
-from vramflow.runs import key_parts, parse_page_range, validate_prompt
+from vramflow.runs import check_page_range, key_parts, parse_page_range, validate_prompt
 
 
 def test_page_ranges():
@@ -31,3 +31,11 @@ def test_prompt_limits():
         validate_prompt(Settings(prompt="  "))
     with pytest.raises(ConfigError, match="VRAMFLOW_MAX_PROMPT_CHARS"):
         validate_prompt(Settings(prompt="x" * 50, max_prompt_chars=10))
+
+
+def test_a_page_range_is_checked_without_a_document():
+    for good in (None, "", "1-5,8", "10-", " 2 , 4-6"):
+        check_page_range(good)
+    for bad in ("9-3", "0", "3-0", "a", "1--2", "1-5;8"):
+        with pytest.raises(ConfigError, match="bad page range"):
+            check_page_range(bad)

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vramflow import cli_operators
-from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, PREFECT_SERVER_DEFAULTS, Settings
+from vramflow.config import PREFECT_SERVER_DEFAULTS, Settings
 from vramflow.errors import VramflowError
 
 app = typer.Typer(
@@ -52,75 +49,65 @@ def _mib(value: int | None) -> str:
 def run(
     files: Annotated[list[Path], typer.Argument(help="PDF files to process.")],
     prompt: Annotated[
-        str, typer.Option(help="Instruction applied to every page.")
-    ] = DEFAULT_PROMPT,
+        str | None, typer.Option(help="Instruction applied to every page [VRAMFLOW_PROMPT].")
+    ] = None,
     model: Annotated[
-        str, typer.Option(help="Packaged default, HF id, folder or .gguf.")
-    ] = DEFAULT_MODEL,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per page.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Pages per model call and slot hold.")] = 4,
+        str | None,
+        typer.Option(help="Packaged default, HF id, folder or .gguf [VRAMFLOW_MODEL]."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens generated per page [VRAMFLOW_MAX_NEW_TOKENS].")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Pages per model call and slot hold [VRAMFLOW_BATCH_SIZE]."),
+    ] = None,
+    max_input_tokens: Annotated[
+        int | None,
+        typer.Option(help="Page tokens kept, longer pages truncated [VRAMFLOW_MAX_INPUT_TOKENS]."),
+    ] = None,
     pages: Annotated[str | None, typer.Option(help="Page range, e.g. '1-5,8'.")] = None,
     password: Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")] = None,
     force: Annotated[bool, typer.Option(help="Redo pages already done.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect logs.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Show Prefect logs (tracebacks: PREFECT_LOGGING_LEVEL=DEBUG)."
+        ),
+    ] = False,
 ) -> None:
     """Run the model over every page of FILES and store the answers.
 
+    Options left out come from the VRAMFLOW_* settings named in brackets.
+
     Example: vramflow run report.pdf --prompt "Summarise this page in two sentences."
     """
+    from pydantic import SecretStr
+
+    from vramflow import cli_run, preflight
+
+    overrides = {
+        "prompt": prompt,
+        "model": model,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "max_input_tokens": max_input_tokens,
+    }
+    # Refused here, in well under a second, before Prefect's server starts or the database is
+    # touched: a bad command line changes nothing.
+    settings = preflight.check_run(files, pages, **overrides)
     _prepare_prefect(verbose)
-    _say_if_no_gpu_worker(Settings())
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from flows.process_pdf import process_pdf
-    from vramflow import progress
-
-    flow = process_pdf.with_options(
-        task_runner=ThreadPoolTaskRunner(max_workers=Settings().task_workers)
-    )
-
-    summaries, failures = [], 0
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(document: str, finished: int, planned: int) -> None:
-            if document not in tasks:
-                tasks[document] = bar.add_task(document, total=planned or 1)
-            bar.update(tasks[document], completed=finished if planned else 1)
-
-        progress.subscribe(on_progress)
-        try:
-            for file in files:
-                started = time.perf_counter()
-                try:
-                    summary = asyncio.run(
-                        flow(
-                            path=str(file),
-                            prompt=prompt,
-                            model=model,
-                            max_new_tokens=max_new_tokens,
-                            batch_size=batch_size,
-                            password=password,
-                            pages=pages,
-                            force=force,
-                        )
-                    )
-                except VramflowError as exc:
-                    failures += 1
-                    summary = {"file": file.name, "status": "failed", "error": str(exc)}
-                summary["wall_seconds"] = time.perf_counter() - started
-                summaries.append(summary)
-        finally:
-            progress.unsubscribe(on_progress)
-    _print_run_summary(summaries)
-    if failures or any(s.get("status") != "done" for s in summaries):
+    _say_if_no_gpu_worker(settings)
+    parameters = {
+        **overrides,
+        "pages": pages,
+        "force": force,
+        # Prefect stores a SecretStr parameter as "**********", never in plain text.
+        "password": SecretStr(password) if password is not None else None,
+    }
+    summaries = cli_run.run_files(files, parameters, settings, err)
+    cli_run.print_run_summary(console, summaries)
+    if any(s.get("status") != "done" for s in summaries):
         raise typer.Exit(1)
 
 
@@ -145,106 +132,45 @@ def _say_if_no_gpu_worker(settings: Settings) -> None:
     )
 
 
-def _peak(summary: dict[str, Any]) -> str:
-    if summary["peak_vram_bytes"] is not None:
-        return f"{_mib(summary['peak_vram_bytes'])} VRAM"
-    return "-" if summary["peak_rss_bytes"] is None else f"{_mib(summary['peak_rss_bytes'])} RSS"
-
-
-def _print_run_summary(summaries: list[dict[str, Any]]) -> None:
-    table = Table(title="vramflow run")
-    headers = (
-        "document",
-        "status",
-        "ok",
-        "failed",
-        "no text",
-        "done before",
-        "pages/s",
-        "peak memory",
-        "slot wait",
-    )
-    table.add_column(headers[0], no_wrap=True)
-    for column in headers[1:]:
-        table.add_column(column, overflow="fold")
-    for s in summaries:
-        if "error" in s:
-            table.add_row(s["file"], "failed", *["-"] * (len(headers) - 2))
-            continue
-        rate = s["pages_inferred"] / s["wall_seconds"] if s["wall_seconds"] else 0.0
-        counts = (s["pages_ok"], s["pages_failed"], s["pages_no_text"], s["pages_already_done"])
-        table.add_row(
-            s["file"],
-            s["status"],
-            *map(str, counts),
-            f"{rate:.2f}",
-            _peak(s),
-            f"{s['slot_wait_seconds']:.1f} s",
-        )
-    console.print(table)
-    for s in summaries:
-        if "error" in s:
-            console.print(f"[red]{escape(s['file'])}[/red]: {escape(s['error'])}")
-        elif s["pages_inferred"] == 0 and s["pages_already_done"]:
-            console.print(
-                f"{s['file']}: all {s['pages_already_done']} pages already done "
-                "for this model and prompt (use --force to redo them)"
-            )
-        for page, error in s.get("errors", [])[:10]:
-            console.print(f"{s['file']} page {page}: {error}", markup=False)
-
-
 @app.command()
 def show(
     document: Annotated[str, typer.Argument(help="PDF file, sha256 prefix or file name.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per page.")] = False,
-    model: Annotated[str | None, typer.Option(help="Only results of this model.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Only results of this prompt.")] = None,
+    model: Annotated[str | None, typer.Option(help="Results of this model.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Results of this prompt.")] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Every model and prompt, one group each.")
+    ] = False,
 ) -> None:
-    """Print a document's stored answers page by page.
+    """Print a document's stored answers page by page, for one model and prompt: the latest
+    run's unless --model/--prompt choose (--all: every one, grouped).
 
     Example: vramflow show report.pdf --json
     """
-    from vramflow import pdf
+    from vramflow import cli_show, pdf
     from vramflow.db import reports
     from vramflow.db.schema import ensure_schema
     from vramflow.db.session import session_scope
-    from vramflow.runs import _sha, model_identity
+    from vramflow.runs import _sha
 
     settings = Settings()
     ensure_schema(settings.resolved_database_url)
     path = Path(document)
     sha = pdf.file_sha256(path) if path.is_file() else None
+    model_id = None
+    if model:
+        from vramflow.models import model_identity  # imports torch: only when asked
+
+        model_id = model_identity(model)
     with session_scope(settings.resolved_database_url) as session:
         found = reports.find_documents(session, document, sha)
         if not found:
             raise VramflowError(f"no stored document matches {document!r}")
         for doc in found:
-            rows = reports.page_rows(
-                session,
-                doc,
-                model_identity(model) if model else None,
-                _sha(prompt) if prompt else None,
-            )
-            _print_document(doc, rows, as_json)
-
-
-def _print_document(doc: Any, rows: list[dict[str, Any]], as_json: bool) -> None:
-    if as_json:
-        for row in rows:
-            sys.stdout.write(
-                json.dumps(
-                    {"document": doc.file_name, "sha256": doc.sha256, **row}, ensure_ascii=False
-                )
-                + "\n"
-            )
-        return
-    console.rule(f"{doc.file_name} ({doc.status}, {doc.page_count or 0} pages)")
-    if doc.error_message:
-        console.print(f"{doc.error_type}: {doc.error_message}", style="red", markup=False)
-    for row in rows:
-        body = escape(row["output"] or row["error"] or "")
-        console.print(f"[bold]page {row['page']}[/bold] ({row['status']}) {body}", highlight=False)
+            sets = reports.result_sets(session, doc, model_id, _sha(prompt) if prompt else None)
+            if (model or prompt) and not sets:
+                raise VramflowError(f"{doc.file_name} has no results for that model and prompt")
+            cli_show.show_document(console, session, doc, sets, every, as_json)
 
 
 @app.command()
@@ -428,7 +354,8 @@ def main() -> None:
         code = app(standalone_mode=False)  # returns the code of a typer.Exit
         sys.exit(code if isinstance(code, int) else 0)
     except VramflowError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        for line in str(exc).splitlines() or [""]:
+            err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True, highlight=False)
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))

@@ -7,10 +7,12 @@ reads the environment at import time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vramflow.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PROMPT = "Summarise this page in two sentences."
@@ -220,3 +222,17 @@ class Settings(BaseSettings):
     @property
     def slot_records_dir(self) -> Path:
         return self.home / "slots"
+
+
+def resolve_settings(**overrides: Any) -> Settings:
+    """The environment's settings with a run's parameters on top.
+
+    A parameter left at None is "not given": the `VRAMFLOW_*` variable (or the default) decides.
+    The result is validated like the environment; a bad value raises `ConfigError`.
+    """
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings.model_validate({**Settings().model_dump(), **values})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from None

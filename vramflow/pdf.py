@@ -26,13 +26,11 @@ from vramflow.errors import (
     LimitExceededError,
     NotAPdfError,
 )
+from vramflow.pdf_file import check_file
 from vramflow.pdf_pool import WorkerDiedError, WorkerPool
 
 log = logging.getLogger(__name__)
 
-PDF_HEADER = b"%PDF-"
-# Readers accept junk before the header; the PDF specification's readers look this far.
-HEADER_SEARCH_BYTES = 1024
 HASH_CHUNK_BYTES = 1024**2
 
 
@@ -131,13 +129,15 @@ def open_document(
 ) -> DocumentInfo:
     """Check that a file is a PDF vramflow can read and count its pages.
 
+    Size, type and header are checked first (`pdf_file.check_file`), then the page count, and
+    only then is the whole file read to hash it.
+
     `sha256`, when the caller has already hashed the file, saves reading it a second time.
     Raises only `vramflow.errors` exceptions: `NotAPdfError`, `EncryptedPdfError`,
     `LimitExceededError` or `DocumentError`, each with a message that names the file.
     """
-    resolved = _resolve(path)
-    size = _checked_size(resolved, max_file_bytes)
-    _check_header(resolved)
+    checked = check_file(path, max_file_bytes)
+    resolved, size = checked.path, checked.size_bytes
     reply = _request(resolved, ("open", str(resolved), password, None), timeout_s, "opening")
     _, page_count, encrypted = reply
     if page_count > max_pages:
@@ -179,33 +179,6 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
         return Path(path).expanduser().resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop before Python 3.13
         raise _cannot_read(Path(path), type(exc).__name__, str(exc)) from exc
-
-
-def _checked_size(path: Path, max_file_bytes: int) -> int:
-    """The file's size, checked before a byte of it is read."""
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise _cannot_read(path, type(exc).__name__, exc.strerror or str(exc)) from exc
-    if not path.is_file():
-        raise _cannot_read(path, "IsADirectoryError", "not a regular file")
-    if info.st_size == 0:
-        raise NotAPdfError(f"{path} is empty (0 bytes)")
-    if info.st_size > max_file_bytes:
-        raise LimitExceededError(
-            f"{path} is {info.st_size:,} bytes, more than the limit of {max_file_bytes:,}"
-        )
-    return info.st_size
-
-
-def _check_header(path: Path) -> None:
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(HEADER_SEARCH_BYTES)
-    except OSError as exc:
-        raise _cannot_read(path, type(exc).__name__, exc.strerror or str(exc)) from exc
-    if PDF_HEADER not in head:
-        raise NotAPdfError(f"{path} is not a PDF (no %PDF- header in its first 1024 bytes)")
 
 
 def _request(

@@ -35,6 +35,10 @@ def generation_settings_json(settings: Settings) -> str:
 
 def key_parts(settings: Settings) -> tuple[str, str, str]:
     """(model id, prompt hash, settings hash) for the result idempotence key."""
+    # Imported here: `models` imports torch, which the CLI's checks of a command line must not
+    # wait for (they answer in well under a second).
+    from vramflow.models import model_identity
+
     return (
         model_identity(settings.model),
         _sha(settings.prompt),
@@ -52,18 +56,34 @@ def validate_prompt(settings: Settings) -> None:
         )
 
 
+def check_page_range(spec: str | None) -> None:
+    """Raise `ConfigError` unless `spec` is a valid page range; needs no document."""
+    _range_parts(spec)
+
+
 def parse_page_range(spec: str | None, page_count: int) -> list[int]:
     """'1-3,7' → [1, 2, 3, 7], clipped to the document; None or '' → every page."""
     if not spec:
         return list(range(1, page_count + 1))
     pages: set[int] = set()
+    for first, last in _range_parts(spec):
+        pages.update(range(first, min(page_count if last is None else last, page_count) + 1))
+    return sorted(pages)
+
+
+def _range_parts(spec: str | None) -> list[tuple[int, int | None]]:
+    """'1-3,7,9-' → [(1, 3), (7, 7), (9, None)]; None: open end."""
+    if not spec:
+        return []
+    parts: list[tuple[int, int | None]] = []
     for part in spec.replace(" ", "").split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d*))?", part)
         if not match:
             raise ConfigError(f"bad page range {spec!r}: use e.g. '1-5,8' or '10-'")
         first = int(match.group(1))
-        last = first if match.group(2) is None else int(match.group(2) or page_count)
-        if first < 1 or last < first:
-            raise ConfigError(f"bad page range {part!r} in {spec!r}")
-        pages.update(range(first, min(last, page_count) + 1))
-    return sorted(pages)
+        tail = match.group(2)
+        last = first if tail is None else (int(tail) if tail else None)
+        if first < 1 or (last is not None and last < first):
+            raise ConfigError(f"bad page range {part!r} in {spec!r}: pages count up from 1")
+        parts.append((first, last))
+    return parts

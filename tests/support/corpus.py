@@ -1,24 +1,35 @@
-"""The sample PDF corpus beside the repository (../shared/corpus) and its MANIFEST."""
+"""The sample PDF corpus (`$VRAMFLOW_CORPUS`, else ../shared/corpus beside the repository).
+
+Only tests about specific corpus files use it; everything else makes its PDFs
+(`vramflow.demo.pdfgen`) or uses the shipped demo, so a fresh clone skips only these.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-
-def _corpus_dir() -> Path | None:
-    beside_repo = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-    if beside_repo.is_dir():
-        return beside_repo
-    configured = os.environ.get("VRAMFLOW_CORPUS")
-    return Path(configured) if configured and Path(configured).is_dir() else None
+BESIDE_REPO = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 
 
-CORPUS = _corpus_dir()
-needs_corpus = pytest.mark.skipif(CORPUS is None, reason="sample PDF corpus not found")
+def find_corpus(environ: Mapping[str, str], beside: Path = BESIDE_REPO) -> tuple[Path | None, str]:
+    """(the corpus folder or None, where it was looked for)."""
+    configured = environ.get("VRAMFLOW_CORPUS")
+    places = ([Path(configured)] if configured else []) + [beside]
+    for place in places:
+        if (place / "MANIFEST.tsv").is_file():
+            return place, ""
+    looked = " and ".join(str(p) for p in places)
+    hint = "" if configured else "; set VRAMFLOW_CORPUS to the folder holding it"
+    return None, f"sample PDF corpus (MANIFEST.tsv) not found in {looked}{hint}"
+
+
+CORPUS, _WHERE = find_corpus(os.environ)
+needs_corpus = pytest.mark.skipif(CORPUS is None, reason=_WHERE)
 
 
 def manifest_rows() -> list[dict[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -254,3 +255,36 @@ def page_errors(session: Session, key: ResultKey) -> list[tuple[int, str]]:
         )
     ).all()
     return sorted((page, f"{kind}: {message}") for page, kind, message in [*extraction, *inference])
+
+
+def mark_stopped(session: Session, path: str, since: datetime) -> tuple[str, int] | None:
+    """After a run on the file at `path` was stopped (Ctrl-C): its results still `running`
+    fail as interrupted, and the document, if still `running`, becomes `stopped`, so that no
+    status claims work that no longer goes on. Returns (file name, pages answered since
+    `since`), or None when the run never recorded the document."""
+    document = session.scalar(
+        select(Document).where(Document.path == path).order_by(Document.updated_at.desc())
+    )
+    if document is None:
+        return None
+    session.execute(
+        update(Result)
+        .where(
+            Result.document_id == document.id,
+            Result.status == "running",
+            Result.updated_at >= since,
+        )
+        .values(
+            status="failed",
+            error_type="Interrupted",
+            error_message="the run was stopped before this page was answered",
+        )
+    )
+    if document.status == "running":
+        document.status = "stopped"
+    answered = session.scalar(
+        select(func.count()).where(
+            Result.document_id == document.id, Result.status == "ok", Result.updated_at >= since
+        )
+    )
+    return document.file_name, answered or 0

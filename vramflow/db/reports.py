@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,30 +29,73 @@ def find_documents(session: Session, ref: str, sha256: str | None) -> list[Docum
     return found or list(session.scalars(select(Document).where(Document.file_name == ref)))
 
 
-def page_rows(
+@dataclass(frozen=True)
+class ResultSet:
+    """The results of one document under one model, prompt and generation settings."""
+
+    model_id: str
+    prompt: str
+    prompt_hash: str
+    settings_hash: str
+    results: int
+
+
+def result_sets(
     session: Session,
     document: Document,
     model_id: str | None = None,
     prompt_hash: str | None = None,
-) -> list[dict[str, Any]]:
-    """One dict per page: the newest matching result, or the page's own status."""
-    results: dict[int, Result] = {}
-    query = select(Result).where(Result.document_id == document.id).order_by(Result.updated_at)
+) -> list[ResultSet]:
+    """The document's result sets (optionally of one model and prompt), newest first."""
+    newest = func.max(Result.updated_at)
+    query = (
+        select(
+            Result.model_id,
+            func.max(Result.prompt),
+            Result.prompt_hash,
+            Result.settings_hash,
+            func.count(Result.id),
+        )
+        .where(Result.document_id == document.id)
+        .group_by(Result.model_id, Result.prompt_hash, Result.settings_hash)
+        .order_by(newest.desc())
+    )
     if model_id:
         query = query.where(Result.model_id == model_id)
     if prompt_hash:
         query = query.where(Result.prompt_hash == prompt_hash)
-    for result in session.scalars(query):
-        results[result.page_number] = result  # ordered by time: the newest wins
+    return [ResultSet(*row) for row in session.execute(query)]
+
+
+def page_rows(
+    session: Session, document: Document, result_set: ResultSet | None
+) -> list[dict[str, Any]]:
+    """One dict per page of the document: its result in `result_set`, or the page's own status
+    (`pending` for a page with text and no result, or not extracted yet)."""
+    results: dict[int, Result] = {}
+    if result_set is not None:
+        query = select(Result).where(
+            Result.document_id == document.id,
+            Result.model_id == result_set.model_id,
+            Result.prompt_hash == result_set.prompt_hash,
+            Result.settings_hash == result_set.settings_hash,
+        )
+        results = {r.page_number: r for r in session.scalars(query)}
     pages = {
         p.page_number: p
         for p in session.scalars(select(Page).where(Page.document_id == document.id))
     }
-    rows = []
-    for number in sorted(set(pages) | set(results)):
-        page, result = pages.get(number), results.get(number)
-        rows.append(_page_row(number, page, result))
-    return rows
+    numbers = set(range(1, (document.page_count or 0) + 1)) | set(pages) | set(results)
+    return [_page_row(n, pages.get(n), results.get(n)) for n in sorted(numbers)]
+
+
+def unopened_row(document: Document) -> dict[str, Any]:
+    """The one row of a document that could not be opened: status `failed` and the error."""
+    return {
+        "status": "failed",
+        "error": f"{document.error_type}: {document.error_message}",
+        "pages": document.page_count,
+    }
 
 
 def _page_row(number: int, page: Page | None, result: Result | None) -> dict[str, Any]:
