@@ -151,17 +151,13 @@ def show(
     from vramflow.db import reports
     from vramflow.db.schema import ensure_schema
     from vramflow.db.session import session_scope
-    from vramflow.runs import _sha
+    from vramflow.runs import _sha, model_identity
 
     settings = Settings()
     ensure_schema(settings.resolved_database_url)
     path = Path(document)
     sha = pdf.file_sha256(path) if path.is_file() else None
-    model_id = None
-    if model:
-        from vramflow.models import model_identity  # imports torch: only when asked
-
-        model_id = model_identity(model)
+    model_id = model_identity(model) if model else None
     with session_scope(settings.resolved_database_url) as session:
         found = reports.find_documents(session, document, sha)
         if not found:

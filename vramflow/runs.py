@@ -35,10 +35,6 @@ def generation_settings_json(settings: Settings) -> str:
 
 def key_parts(settings: Settings) -> tuple[str, str, str]:
     """(model id, prompt hash, settings hash) for the result idempotence key."""
-    # Imported here: `models` imports torch, which the CLI's checks of a command line must not
-    # wait for (they answer in well under a second).
-    from vramflow.models import model_identity
-
     return (
         model_identity(settings.model),
         _sha(settings.prompt),
