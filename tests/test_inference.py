@@ -298,3 +298,14 @@ def test_loading_a_model_freezes_what_lives_and_collects_what_does_not(tiny_mode
     assert dead() is None  # collected, not frozen for good
     assert gc.get_freeze_count() > 0
     assert not any(obj is alive for obj in gc.get_objects())  # out of the collector's scans
+
+
+def test_a_hub_model_that_is_neither_cached_nor_reachable_fails_at_once(monkeypatch, tmp_path):
+    """Offline, the hub client retries each file for about a minute; vramflow says why at once."""
+    import time
+
+    monkeypatch.setattr(models, "_reachable", lambda url, timeout_s=3.0: False)
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="not available offline"):
+        models.load_model("example-org/not-cached-model", tmp_path / "cache")
+    assert time.monotonic() - started < 5

@@ -329,7 +329,11 @@ class Engine:
         try:
             loaded = self.parts.load(group.model)
         except Exception as exc:
-            message = f"cannot load model {group.model}: {_one_line(exc)}"
+            message = (
+                str(exc).splitlines()[0]
+                if isinstance(exc, ModelError)
+                else f"cannot load model {group.model}: {_one_line(exc)}"
+            )
             log.error("%s", message)
             self._load_failures[group.model] = (message, time.monotonic())
             self._fail_group(group, ModelError(message), same_model=True)

@@ -12,11 +12,13 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -105,7 +107,34 @@ def resolve_source(spec: str, cache_dir: Path) -> tuple[str, dict[str, str]]:
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         return str(path), {}
+    _check_hub_id(spec)
     return spec, {}  # a Hugging Face id: from the local cache, or downloaded if online
+
+
+def _check_hub_id(spec: str) -> None:
+    """A Hugging Face id must be in the local cache or the hub reachable: refuse at once
+    otherwise, instead of the hub client's retries (about a minute of warnings per file)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):  # a path: in the cache
+        return
+    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):
+        raise ModelError(
+            f"cannot load model {spec!r}: not available offline (it is not in the Hugging Face"
+            f" cache and {constants.ENDPOINT} cannot be reached); download it where there is"
+            " network, or give a local folder or .gguf file"
+        )
+
+
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to `url`'s host opens within `timeout_s`."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def resolve_dtype(setting: str, device: str) -> torch.dtype:
