@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, 
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from vramflow.db.models import Base
 from vramflow.db.sqlite import BUSY_TIMEOUT_S, enable_wal
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,15 @@ def _locked(url: str) -> Iterator[Connection]:
 
 
 def _adopt_unversioned(config: Config, conn: Connection) -> None:
-    """Stamp a database made by `create_all` (all tables, no alembic_version) as the first
-    revision, so upgrading it does not try to create its tables again."""
+    """Stamp a database made by `create_all` (tables, no alembic_version): as the newest
+    revision when it has every table of the current models, else as the first, so upgrading it
+    does not try to create its tables again."""
     tables = set(inspect(conn).get_table_names())
-    if "alembic_version" not in tables and tables >= INITIAL_TABLES:
-        log.warning("database has tables but no revision; stamping it %s", INITIAL_REVISION)
-        command.stamp(config, INITIAL_REVISION)
+    if "alembic_version" in tables or not tables >= INITIAL_TABLES:
+        return
+    revision = "head" if tables >= set(Base.metadata.tables) else INITIAL_REVISION
+    log.warning("database has tables but no revision; stamping it %s", revision)
+    command.stamp(config, revision)
 
 
 def upgrade(url: str, revision: str = "head") -> str | None:
