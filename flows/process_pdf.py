@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,44 @@ def final_state(summary: dict[str, Any]) -> dict[str, Any] | State:
     return Failed(message=message[:1000], data=summary)
 
 
+@dataclass
+class DocumentPlan:
+    """An opened document and the pages this run has to answer."""
+
+    document_id: int
+    key: queries.ResultKey
+    budget: ExtractionBudget
+    todo: list[int]
+    extracted: set[int]
+    already_done: int
+
+
 async def _process_document(
     path: str, password: SecretStr | None, pages: str | None, force: bool, settings: Settings
 ) -> dict[str, Any]:
     """Open the file, extract and infer its pages batch by batch, and publish the summary."""
-    logger = get_run_logger()
+    plan = await _open(path, password, pages, force, settings)
+    # The progress artifact is created while the first batches are extracted, not before.
+    starting_report = asyncio.ensure_future(ProgressReport.start(Path(path).name, len(plan.todo)))
+    await _answer_pages(plan, path, password, force, settings, starting_report)
+    report = await starting_report
+    # The last progress update goes out while the summary is made and published.
+    summary, _ = await asyncio.gather(_finish(plan, path, settings), report.close())
+    get_run_logger().info(
+        "%s: %s (%d ok, %d failed, %d without text)",
+        summary["file"],
+        summary["status"],
+        summary["pages_ok"],
+        summary["pages_failed"],
+        summary["pages_no_text"],
+    )
+    return summary
+
+
+async def _open(
+    path: str, password: SecretStr | None, pages: str | None, force: bool, settings: Settings
+) -> DocumentPlan:
+    """Open the document and find which of the asked pages are still to do."""
     opening = time.monotonic()
     opened = await asyncio.to_thread(open_document, path, password, settings)
     document_id, page_count = opened.unwrap()
@@ -160,37 +194,48 @@ async def _process_document(
     extracted, already = await asyncio.to_thread(
         _pages_on_record, settings, key, set(numbers), force
     )
-    todo = [n for n in numbers if n not in already]
     if already:
-        logger.info(
+        get_run_logger().info(
             "%d of %d pages already done for this model and prompt: skipped",
             len(already),
             len(numbers),
         )
-    # The progress artifact is created while the first batches are extracted, not before.
-    starting_report = asyncio.ensure_future(ProgressReport.start(Path(path).name, len(todo)))
+    todo = [n for n in numbers if n not in already]
+    return DocumentPlan(document_id, key, budget, todo, extracted, len(already))
+
+
+async def _answer_pages(
+    plan: DocumentPlan,
+    path: str,
+    password: SecretStr | None,
+    force: bool,
+    settings: Settings,
+    starting_report: asyncio.Future[ProgressReport],
+) -> None:
+    """Extract and answer the pages, BATCHES_IN_FLIGHT batches at a time.
+
+    While the engine answers one batch, the next waits in its queue, extracted, and the one
+    after is being extracted, so the engine always has pages waiting (it keeps the slot and the
+    weights on the device while it does) and a long document never holds more than a few
+    batches of task runs. Whichever batch finishes is replaced at once, not the oldest.
+    """
+    logger, size = get_run_logger(), settings.batch_size
     infer = infer_batch.with_options(
         retries=settings.oom_retries, retry_delay_seconds=settings.oom_retry_delay_seconds
     )
-    batches = (todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size))
-
+    batches = (plan.todo[i : i + size] for i in range(0, len(plan.todo), size))
     in_flight: dict[asyncio.Future, tuple[list[int], BatchRun]] = {}
 
     def submit(batch: list[int]) -> None:
         """The batch's page extractions, and its inference once they are done."""
         extracts = [
-            extract_page.submit(document_id, path, n, password, settings, budget)
+            extract_page.submit(plan.document_id, path, n, password, settings, plan.budget)
             for n in batch
-            if n not in extracted
+            if n not in plan.extracted
         ]
-        run = start_batch(infer, document_id, batch, settings, force, extracts)
+        run = start_batch(infer, plan.document_id, batch, settings, force, extracts)
         in_flight[asyncio.ensure_future(asyncio.to_thread(run.wait))] = (batch, run)
 
-    # A few batches in flight: while the engine answers one, the next waits in its queue,
-    # extracted, and the one after is being extracted, so the engine always has pages waiting
-    # (it keeps the slot and the weights on the device while it does) and a long document
-    # never holds more than a few batches of task runs. Whichever batch finishes is replaced
-    # at once, not the oldest.
     for batch in islice(batches, BATCHES_IN_FLIGHT):
         submit(batch)
     report = await starting_report
@@ -205,25 +250,15 @@ async def _process_document(
                 logger.error("pages %s failed: %s", batch, run.failure)
             await report.advance(len(batch))
 
-    async def summarize() -> dict[str, Any]:
-        summary, sha = await asyncio.to_thread(
-            finish_document, settings, key, path, len(already), flow_run.id
-        )
-        await asyncio.gather(
-            publish_summary(summary, sha),
-            publish_run_report(settings.resolved_database_url, key, summary, sha),
-        )
-        return summary
 
-    # The last progress update goes out while the summary is made and published.
-    summary, _ = await asyncio.gather(summarize(), report.close())
-    logger.info(
-        "%s: %s (%d ok, %d failed, %d without text)",
-        summary["file"],
-        summary["status"],
-        summary["pages_ok"],
-        summary["pages_failed"],
-        summary["pages_no_text"],
+async def _finish(plan: DocumentPlan, path: str, settings: Settings) -> dict[str, Any]:
+    """Set the document's status and publish its summary, pages and picture."""
+    summary, sha = await asyncio.to_thread(
+        finish_document, settings, plan.key, path, plan.already_done, flow_run.id
+    )
+    await asyncio.gather(
+        publish_summary(summary, sha),
+        publish_run_report(settings.resolved_database_url, plan.key, summary, sha),
     )
     return summary
 

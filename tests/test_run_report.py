@@ -122,9 +122,17 @@ def test_a_document_run_publishes_its_pages_and_its_picture(env, tiny_model_dir,
     from flows.process_pdf import process_pdf
 
     monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "page=3,times=all")
-    summary = asyncio.run(
-        process_pdf(path=str(DEMO), model=str(tiny_model_dir), max_new_tokens=3, batch_size=4)
+    state = asyncio.run(
+        process_pdf(
+            path=str(DEMO),
+            model=str(tiny_model_dir),
+            max_new_tokens=3,
+            batch_size=4,
+            return_state=True,
+        )
     )
+    assert state.is_failed()  # a page failed: the run says so
+    summary = state.result(raise_on_failure=False)
     assert summary["pages_ok"] == 5 and summary["pages_failed"] == 1
     artifacts = _artifacts(summary["flow_run_id"])
     [pages] = [a for key, a in artifacts.items() if key.startswith("vramflow-pages-")]
