@@ -21,184 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
-import psutil
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
 from pages import prose_pages, warmup_pdf  # noqa: E402
-from server import _free_port, _wait_healthy  # noqa: E402
+from resident_stack import Sampler, Stack  # noqa: E402
 
-from vramflow.config import PREFECT_SERVER_DEFAULTS  # noqa: E402
 from vramflow.demo.pdfgen import write_text_pdf  # noqa: E402
-
-POOL = "vramflow-gpu"
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-@dataclass
-class FlowProcess:
-    """A flow-run process the Prefect worker started, as the sampler saw it."""
-
-    pid: int
-    started: float  # epoch seconds
-    flow_run_id: str | None = None
-    peak_rss: int = 0
-    torch_loaded: bool = False
-
-
-@dataclass
-class Sampler:
-    """Follows the Prefect worker's flow-run processes every 50 ms until stopped (their memory maps,
-    to tell whether torch is loaded, every 0.5 s)."""
-
-    worker_pid: int
-    seen: dict[int, FlowProcess] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        looks = 0
-        while not self.stop.wait(0.05):
-            try:
-                # Flow-run processes are the worker's children; theirs are PDF workers.
-                children = psutil.Process(self.worker_pid).children()
-            except psutil.NoSuchProcess:
-                return
-            looks += 1
-            for child in children:
-                self._sample(child, look_for_torch=looks % 10 == 0)
-
-    def _sample(self, child: psutil.Process, look_for_torch: bool) -> None:
-        try:
-            found = self.seen.get(child.pid)
-            if found is None:
-                run_id = child.environ().get("PREFECT__FLOW_RUN_ID")
-                if run_id is None:
-                    return
-                found = self.seen[child.pid] = FlowProcess(child.pid, child.create_time(), run_id)
-            found.peak_rss = max(found.peak_rss, child.memory_info().rss)
-            if look_for_torch and not found.torch_loaded:  # reading the maps costs: twice a second
-                found.torch_loaded = any("libtorch" in m.path for m in child.memory_maps())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError):
-            pass
-
-
-class Stack:
-    """Server, pool, deployments, Prefect worker and GPU worker in `folder`."""
-
-    def __init__(self, folder: Path, model: str) -> None:
-        self.folder, self.model, self.processes = folder, model, []
-        self.database_url = f"sqlite:///{folder / 'vramflow.db'}"
-        self.env = self._base_env()
-
-    def _base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VRAMFLOW_"))}
-        env.update(PREFECT_SERVER_DEFAULTS)
-        env.update(
-            PREFECT_HOME=str(self.folder / "prefect"),
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_WORKER_QUERY_SECONDS="1",
-            VRAMFLOW_HOME=str(self.folder / "home"),
-            VRAMFLOW_DATABASE_URL=self.database_url,
-            VRAMFLOW_INFERENCE="gpu-worker",
-            VRAMFLOW_REPO=str(REPO),
-            PYTHONPATH=str(REPO),
-        )
-        return env
-
-    def start(self) -> None:
-        port = _free_port()
-        self.api_url = f"http://127.0.0.1:{port}/api"
-        server = self._spawn(
-            "server", "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)
-        )
-        _wait_healthy(server, self.api_url, self.folder / "server.log")
-        self.env["PREFECT_API_URL"] = self.api_url
-        self._prefect("work-pool", "create", POOL, "--type", "process", "--overwrite")
-        self._prefect("--no-prompt", "deploy", "--all")
-        self.api = httpx.Client(base_url=f"{self.api_url}/", timeout=30)
-        self._pause_schedules()  # no scheduled sweep among the measured runs
-        self.gpu_worker = self._spawn(
-            "gpu-worker", "-m", "vramflow", "gpu-worker", "--preload", self.model
-        )
-        self.worker = self._spawn("worker", "-m", "prefect", "worker", "start", "--pool", POOL)
-
-    def _pause_schedules(self) -> None:
-        for name in ("sweep-inbox", "retry-failed"):
-            found = self._call("GET", f"deployments/name/{name}/{name}")
-            for schedule in found["schedules"]:
-                path = f"deployments/{found['id']}/schedules/{schedule['id']}"
-                self.api.patch(path, json={"active": False}).raise_for_status()
-
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=self.folder,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        self.processes.append(process)
-        return process
-
-    def _prefect(self, *args: str) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "prefect", *args],
-            cwd=REPO,
-            env=self.env,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-
-    def trigger(self, deployment: str, **parameters: Any) -> str:
-        found = self._call("GET", f"deployments/name/{deployment}/{deployment}")
-        path = f"deployments/{found['id']}/create_flow_run"
-        return self._call("POST", path, json={"parameters": parameters})["id"]
-
-    def wait(self, run_ids: list[str], timeout: float = 1800) -> list[dict[str, Any]]:
-        deadline, runs = time.monotonic() + timeout, {}
-        while len(runs) < len(run_ids) and time.monotonic() < deadline:
-            for run_id in set(run_ids) - runs.keys():
-                run = self._call("GET", f"flow_runs/{run_id}")
-                if (run.get("state") or {}).get("type") in FINAL:
-                    runs[run_id] = run
-            time.sleep(0.5)
-        if len(runs) < len(run_ids):
-            raise RuntimeError(f"runs not finished within {timeout:g} s: see {self.folder}")
-        return [runs[r] for r in run_ids]
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        for pause in (0.2, 0.5, 1, 2, 4, 8, 0):  # the SQLite server answers 503 when busy
-            response = self.api.request(method, path, **kwargs)
-            if response.status_code not in (429, 502, 503):
-                break
-            time.sleep(pause)
-        response.raise_for_status()
-        return response.json()
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def first_calls(url: str) -> dict[str, float]:
@@ -244,6 +81,21 @@ def most_at_once(intervals: list[tuple[float, float, int]]) -> int:
         running += step
         most = max(most, running)
     return most
+
+
+def first_batch_at_worker(stack: Stack, run_ids: list[str]) -> dict[str, float]:
+    """flow run id → epoch seconds when the GPU worker started its first inference task run
+    (its pages then wait in the engine's queue for a model call)."""
+    from datetime import datetime
+
+    query = {"flow_runs": {"id": {"any_": run_ids}}, "task_runs": {"name": {"like_": "infer"}}}
+    found: dict[str, float] = {}
+    for task_run in stack._call("POST", "task_runs/filter", json=query):
+        if task_run.get("start_time"):
+            started = datetime.fromisoformat(task_run["start_time"]).timestamp()
+            run = task_run["flow_run_id"]
+            found[run] = min(started, found.get(run, started))
+    return found
 
 
 def models_held(url: str) -> int:
@@ -314,6 +166,8 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
         for r in burst
         if r["id"] in procs and r["id"] in firsts
     ]
+    at_worker = first_batch_at_worker(stack, [r["id"] for r in burst])
+    to_worker = [at_worker[r] - procs[r].started for r in at_worker if r in procs]
     intervals = calls(stack.database_url)
     sweep_start = wall_start(sweep)
     pages = 2 * args.sweep_documents
@@ -328,6 +182,7 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
         "calls_at_once": most_at_once(intervals),
         "burst_wall_s": burst_wall,
         "burst_start_to_first_call_s": sorted(to_first),
+        "burst_start_to_gpu_worker_s": sorted(to_worker),
         "single_pages_per_s": pages / wall(single),
         "sweep_pages_per_s": pages / wall(sweep),
         "sweep_over_single": wall(single) / wall(sweep),
@@ -344,7 +199,7 @@ def wall_start(run: dict[str, Any]) -> float:
 
 
 def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys.stdout) -> None:
-    firsts = result["burst_start_to_first_call_s"]
+    firsts, ats = result["burst_start_to_first_call_s"], result["burst_start_to_gpu_worker_s"]
     rows = [
         ("runs completed", f"{result['runs_completed']} / {result['runs']}"),
         ("model loads in the whole run", result["model_loads"]),
@@ -355,12 +210,8 @@ def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys
         ("flow-run process peak RSS", f"{result['flow_process_peak_rss_mib']:.0f} MiB"),
         ("model calls at once on the device (most)", result["calls_at_once"]),
         (f"{args.runs} runs at once: wall", f"{result['burst_wall_s']:.1f} s"),
-        (
-            "process start to first model call (min / median / max)",
-            f"{firsts[0]:.1f} / {firsts[len(firsts) // 2]:.1f} / {firsts[-1]:.1f} s"
-            if firsts
-            else "-",
-        ),
+        ("process start to first batch at the GPU worker (min / median / max)", _spread(ats)),
+        ("process start to first model call (min / median / max)", _spread(firsts)),
         ("single document, batch 8", f"{result['single_pages_per_s']:.2f} pages/s"),
         (
             f"sweep of {args.sweep_documents} x 2 pages, batch 8",
@@ -377,6 +228,12 @@ def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys
     )
     for name, value in rows:
         print(f"  {name:<{width}}  {value}", file=out)
+
+
+def _spread(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    return f"{seconds[0]:.1f} / {seconds[len(seconds) // 2]:.1f} / {seconds[-1]:.1f} s"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
