@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --pages 16 --max-new-tokens 64
     python benchmarks/throughput.py --pages 3 --max-new-tokens 2 --model ./tiny --json
+    python benchmarks/throughput.py --page-set mixed --pages 16 --max-new-tokens 32
 
 Variants (each in a fresh interpreter, so peak RSS is its own):
   sequential   pypdf + one `generate` per page in a plain loop, no Prefect; run first and again
@@ -9,6 +10,13 @@ Variants (each in a fresh interpreter, so peak RSS is its own):
   naive_async  `asyncio.gather` over the pages, each extracted and generated in a thread
   flow_batch1  vramflow's `process_pdf` flow with batch size 1
   flow_best    the flow at the fastest of `--batch-sizes`
+  flow_tokens  the flow with token-budget batching (VRAMFLOW_MAX_BATCH_TOKENS, set for that
+               process only) and requests of the largest of `--batch-sizes` pages, so that the
+               engine has the pages of three requests to choose from
+
+Page sets: `default`, dense pages of similar length (a paper, then the demo, then prose);
+`mixed`, pages of very different lengths in an order that makes every static batch pad short
+pages to long ones (see benchmarks/pages.py; prompts cut at 1,536 tokens unless told).
 
 Model loading, starting the flow's PDF worker processes and a one-page warm-up run are left out
 of every timing. Orchestration overhead is wall time minus the time the page work ran (pypdf
@@ -35,14 +43,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from pages import build_page_set  # noqa: E402
+from pages import build_mixed_page_set, build_page_set  # noqa: E402
 from server import temporary_prefect_server  # noqa: E402
 
-from vramflow.config import DEFAULT_MODEL, Settings  # noqa: E402
+from vramflow import batching  # noqa: E402
+from vramflow.config import DEFAULT_MODEL, DEFAULT_PROMPT, Settings  # noqa: E402
 
 # naive_async makes its own pressure (6 threads on the cores); the others should see almost none.
 PRESSURE_WARNING = 0.2
-ROW_NAMES = ("sequential", "naive_async", "flow_batch1", "flow_best")
+ROW_NAMES = ("sequential", "naive_async", "flow_batch1", "flow_best", "flow_tokens")
+PAGE_SETS = {"default": build_page_set, "mixed": build_mixed_page_set}
+# Prompt text kept per page when --max-input-tokens is not given: the default set's pages are
+# alike and cut short; the mixed set's long pages are the point, so they keep up to 1,536.
+MAX_INPUT_TOKENS = {"default": 384, "mixed": 1536}
 ROW_KEYS = (
     "name",
     "pages_per_s",
@@ -75,8 +88,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="VRAMFLOW_TORCH_THREADS for the flow variants only (default: unset)",
     )
+    parser.add_argument(
+        "--page-set",
+        choices=tuple(PAGE_SETS),
+        default="default",
+        help="default: pages of similar length; mixed: very different lengths, with\n"
+        "--max-input-tokens 1536 unless told (default: default)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="flow_tokens' VRAMFLOW_MAX_BATCH_TOKENS (default: what flow_best's batch holds\n"
+        "at the set's median page: its size x (median prompt + new tokens))",
+    )
     add_variant_options(parser)
     add_output_options(parser)
+    parser.set_defaults(max_input_tokens=None)  # by page set, in main
     return parser.parse_args(argv)
 
 
@@ -127,9 +155,15 @@ def batch_sizes(text: str) -> list[int]:
 
 
 def run_variant(
-    variant: str, work: Path, label: str, args: argparse.Namespace, extra: list[str]
+    variant: str,
+    work: Path,
+    label: str,
+    args: argparse.Namespace,
+    extra: list[str],
+    environ: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one variant in a fresh interpreter; its log goes to a file, its figures come back."""
+    """Run one variant in a fresh interpreter; its log goes to a file, its figures come back.
+    `environ` is added to that interpreter's environment only (settings of one variant)."""
     home, out = work / label, work / f"{label}.json"
     command = [
         sys.executable,
@@ -152,7 +186,7 @@ def run_variant(
         *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
         *extra,
     ]
-    env = dict(os.environ)
+    env = {**os.environ, **(environ or {})}
     if variant == "flow" and getattr(args, "flow_torch_threads", None):
         env["VRAMFLOW_TORCH_THREADS"] = str(args.flow_torch_threads)
     say(f"running {label} ...")
@@ -223,7 +257,7 @@ def flow_server(work: Path, given_url: str | None) -> Iterator[list[str]]:
 
 def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every variant's row, and what describes the run (device, database, candidates)."""
-    args.pdf, pages_from = build_page_set(work, args.pages)
+    args.pdf, pages_from = PAGE_SETS[args.page_set](work, args.pages)
     first = run_variant("sequential", work, "sequential", args, [])
     naive = run_variant("naive_async", work, "naive_async", args, [])
     with flow_server(work, args.prefect_api_url) as server:
@@ -234,13 +268,22 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
             )
             for size in batch_sizes(args.batch_sizes)
         ]
+        best = max(candidates, key=lambda figures: figures["pages"] / figures["wall_seconds"])
+        budget = args.max_batch_tokens or default_budget(args, best["batch_size"])
+        tokens = run_variant(
+            "flow",
+            work,
+            "flow_tokens",
+            args,
+            [*server, "--batch-size", str(max(batch_sizes(args.batch_sizes)))],
+            {"VRAMFLOW_MAX_BATCH_TOKENS": str(budget)},
+        )
     again = run_variant("sequential", work, "sequential_again", args, [])
     sequential = mean_of_runs(first, again)
-    best = max(candidates, key=lambda figures: figures["pages"] / figures["wall_seconds"])
     base = sequential["pages"] / sequential["wall_seconds"]
     rows = [
         to_row(name, figures, None if name == "sequential" else base)
-        for name, figures in zip(ROW_NAMES, [sequential, naive, batch1, best], strict=True)
+        for name, figures in zip(ROW_NAMES, [sequential, naive, batch1, best, tokens], strict=True)
     ]
     context = {
         "device": sequential["device"]
@@ -248,6 +291,8 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
         "database": f"SQLite, a fresh file per flow process ({batch1['database']})",
         "prefect": args.prefect_api_url or "a temporary local server started for the run (SQLite)",
         "pages_from": pages_from,
+        "token_budget": (budget, "given" if args.max_batch_tokens else "flow_best's at the median"),
+        "model_calls": {"flow_best": best["model_calls"], "flow_tokens": tokens["model_calls"]},
         "sequential_runs": [f["pages"] / f["wall_seconds"] for f in (first, again)],
         "candidates": [
             (c["batch_size"], c["pages"] / c["wall_seconds"], c["slot_busy_fraction"])
@@ -255,25 +300,47 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
         ],
         "fixed": [
             (
-                f"flow_batch{c['batch_size']}",
+                name,
                 c.get("before_first_hold_seconds"),
                 c.get("work_before_first_hold_seconds"),
                 c.get("after_last_hold_seconds"),
                 phase_overhead_ms_per_page(c),
             )
-            for c in [batch1, *candidates]
+            for name, c in flow_runs(batch1, candidates, tokens)
         ],
         "runs": {
             name: (figures["max_threads"], figures["cpu_pressure"])
-            for name, figures in [
-                ("sequential", sequential),
-                ("naive_async", naive),
-                ("flow_batch1", batch1),
-                *((f"flow_batch{c['batch_size']}", c) for c in candidates),
-            ]
+            for name, figures in [("sequential", sequential), ("naive_async", naive)]
+            + flow_runs(batch1, candidates, tokens)
         },
     }
     return rows, context
+
+
+def flow_runs(
+    batch1: dict[str, Any], candidates: list[dict[str, Any]], tokens: dict[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every flow run of the benchmark, by name."""
+    return [
+        *((f"flow_batch{c['batch_size']}", c) for c in [batch1, *candidates]),
+        ("flow_tokens", tokens),
+    ]
+
+
+def page_tokens(pdf: Path, max_input_tokens: int) -> list[int]:
+    """Each page's prompt length as the engine estimates it (vramflow.batching)."""
+    from pypdf import PdfReader
+
+    texts = [page.extract_text() or "" for page in PdfReader(pdf).pages]
+    return [batching.estimate_tokens(text, DEFAULT_PROMPT, max_input_tokens) for text in texts]
+
+
+def default_budget(args: argparse.Namespace, batch_size: int) -> int:
+    """flow_tokens' budget when none is given: what a call of the best static batch size holds
+    at the set's median page, so that calls cost about what flow_best's would on pages alike,
+    and short pages go many to a call while long ones go few."""
+    lengths = sorted(page_tokens(args.pdf, args.max_input_tokens))
+    return batching.padded_cost([lengths[len(lengths) // 2]] * batch_size, args.max_new_tokens)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -325,6 +392,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
             "sequential: {:.3f} pages/s before the other variants, {:.3f} after them; the "
             "row and every ratio use their mean".format(*context["sequential_runs"]),
             f"flow candidates: {candidates}",
+            "flow_tokens: budget {} tokens ({}); model calls: flow_best {}, flow_tokens {}".format(
+                *context["token_budget"], *context["model_calls"].values()
+            ),
             "fixed cost of the document (s before the first slot hold, of which extracting "
             "the first batch / after the last): "
             + ", ".join(
@@ -384,6 +454,7 @@ def main(argv: list[str]) -> None:
     if args.pages < 1:
         raise SystemExit("--pages must be at least 1")
     args.model_cache_dir = args.model_cache_dir or Settings().model_cache_dir
+    args.max_input_tokens = args.max_input_tokens or MAX_INPUT_TOKENS[args.page_set]
     with work_folder(args.work_dir, "vramflow-bench-") as folder:
         rows, context = measure(args, Path(folder))
     if args.json:

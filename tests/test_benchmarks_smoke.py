@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["sequential", "naive_async", "flow_batch1", "flow_best"]
+NAMES = ["sequential", "naive_async", "flow_batch1", "flow_best", "flow_tokens"]
 KEYS = {
     "name",
     "pages_per_s",
@@ -66,13 +66,30 @@ def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     for row in rows:  # the page work includes the model call, and both fit in the wall time
         assert 0 < row["model_seconds"] <= row["work_seconds"] <= row["wall_seconds"]
     assert by_name["flow_best"]["batch_size"] == 2
+    assert by_name["flow_tokens"]["batch_size"] == 2  # requests of the largest candidate
+    assert by_name["flow_tokens"]["max_concurrent_calls"] == 1
     for row in rows:
         assert row["pages"] == 3
         assert row["pages_per_s"] > 0
         assert row["peak_rss_bytes"] > 0
-    for name in ("flow_batch1", "flow_best"):
+    for name in ("flow_batch1", "flow_best", "flow_tokens"):
         assert 0 < by_name[name]["slot_busy_fraction"] <= 1
     assert "device:" in stderr and "database:" in stderr and str(shared) not in stderr
+
+
+def test_mixed_page_set_mixes_real_and_generated_pages_of_very_different_lengths(
+    tmp_path: Path,
+) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pages import build_mixed_page_set
+    from pypdf import PdfReader
+
+    pdf, described = build_mixed_page_set(tmp_path, 8)
+
+    lengths = [len(page.extract_text().encode()) for page in PdfReader(pdf).pages]
+    assert len(lengths) == 8 and "generated" in described
+    assert min(lengths) < 600 and max(lengths) > 5000  # a line or a paragraph, and a full page
+    assert all(abs(a - b) > 300 for a, b in zip(lengths, lengths[1:], strict=False))
 
 
 def test_sweep_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
