@@ -166,6 +166,8 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
         for r in burst
         if r["id"] in procs and r["id"] in firsts
     ]
+    warm = every[0]  # the warm-up run: alone, the GPU worker and the model already warm
+    alone = firsts[warm["id"]] - procs[warm["id"]].started if warm["id"] in procs else None
     at_worker = first_batch_at_worker(stack, [r["id"] for r in burst])
     to_worker = [at_worker[r] - procs[r].started for r in at_worker if r in procs]
     intervals = calls(stack.database_url)
@@ -181,6 +183,7 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
         "flow_process_peak_rss_mib": max(p.peak_rss for p in sampler.seen.values()) / 2**20,
         "calls_at_once": most_at_once(intervals),
         "burst_wall_s": burst_wall,
+        "alone_start_to_first_call_s": alone,
         "burst_start_to_first_call_s": sorted(to_first),
         "burst_start_to_gpu_worker_s": sorted(to_worker),
         "single_pages_per_s": pages / wall(single),
@@ -200,6 +203,7 @@ def wall_start(run: dict[str, Any]) -> float:
 
 def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys.stdout) -> None:
     firsts, ats = result["burst_start_to_first_call_s"], result["burst_start_to_gpu_worker_s"]
+    alone = result["alone_start_to_first_call_s"]
     rows = [
         ("runs completed", f"{result['runs_completed']} / {result['runs']}"),
         ("model loads in the whole run", result["model_loads"]),
@@ -210,6 +214,10 @@ def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys
         ("flow-run process peak RSS", f"{result['flow_process_peak_rss_mib']:.0f} MiB"),
         ("model calls at once on the device (most)", result["calls_at_once"]),
         (f"{args.runs} runs at once: wall", f"{result['burst_wall_s']:.1f} s"),
+        (
+            "one run alone: process start to first model call",
+            "-" if alone is None else f"{alone:.1f} s",
+        ),
         ("process start to first batch at the GPU worker (min / median / max)", _spread(ats)),
         ("process start to first model call (min / median / max)", _spread(firsts)),
         ("single document, batch 8", f"{result['single_pages_per_s']:.2f} pages/s"),

@@ -148,3 +148,7 @@ def test_resident_gpu_worker_serves_every_run_with_one_model_load(
     assert result["calls_at_once"] == 1
     assert len(result["burst_start_to_first_call_s"]) == 3
     assert all(seconds > 0 for seconds in result["burst_start_to_first_call_s"])
+    assert (
+        len(result["burst_start_to_gpu_worker_s"]) == 3
+        and result["alone_start_to_first_call_s"] > 0
+    )
