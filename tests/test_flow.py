@@ -495,3 +495,23 @@ def test_sweep_runs_documents_side_by_side_and_the_model_one_batch_at_a_time(
     calls = stored_call_intervals(env)
     assert list(calls) == ["cpu"] and max_concurrency(calls["cpu"]) == 1
     assert max_concurrency(stored_hold_intervals(env)) == 1
+
+
+def test_slot_wait_counts_only_waiting_for_the_device_not_the_runs_own_queue(
+    env, tiny_model_dir, monkeypatch
+):
+    """Six batches of one page, each call 0.3 s: every batch but the first waits behind the
+    run's own earlier batches (about 1.5 s in all), which is queueing, not waiting for another
+    holder of the device; a solo run takes the slot once."""
+    from vramflow import engine
+
+    model_call = engine.run_batch
+
+    def slow_model(*args, **kwargs):
+        time.sleep(0.3)  # a slower model, so that batches queue behind each other
+        return model_call(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_batch", slow_model)
+    summary = run(tiny_model_dir, batch_size=1)
+    assert summary["pages_ok"] == 6 and summary["slot_holds"] == 1
+    assert summary["slot_wait_seconds"] < 1.0
