@@ -22,6 +22,9 @@ from vramflow.engine import CallGroup, Engine, EngineParts, PageJob
 from vramflow.inference import CallRecord
 
 _engines: dict[tuple[Any, ...], Engine] = {}
+# Held for good by `stop_writes` once `vramflow run` is interrupted: the answers counted for the
+# interruption's message are then the ones stored.
+_writes = threading.Lock()
 _lock = threading.Lock()
 _worker_settings: Settings | None = None
 _worker_id: str | None = None
@@ -32,6 +35,11 @@ def serve_as_gpu_worker(settings: Settings, worker_id: str) -> None:
     settings a batch brings; its claims on pages carry `worker_id`."""
     global _worker_settings, _worker_id
     _worker_settings, _worker_id = settings, worker_id
+
+
+def stop_writes() -> None:
+    """Store no more answers in this process (it is about to exit); waits for a write under way."""
+    _writes.acquire()
 
 
 def worker_id() -> str | None:
@@ -203,7 +211,7 @@ class DatabaseRecorder:
             metrics.pages_finished(ok=len(record.pages), failed=0)
         elif record.outcome != "oom" or len(record.pages) == 1:  # not split and tried again
             metrics.pages_finished(ok=0, failed=len(record.pages))
-        with session_scope(group.database_url) as session:
+        with _writes, session_scope(group.database_url) as session:
             store_call(session, record, {key: key for key in jobs}, hold_id, slot_wait, runs)
             if record.outcome == "ok":
                 queries.count_hold_pages(session, hold_id, len(record.pages), runs.values())

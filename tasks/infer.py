@@ -10,6 +10,8 @@ never loads it.
 
 from __future__ import annotations
 
+import threading
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -19,6 +21,15 @@ from vramflow.db import queries
 from vramflow.db.session import session_scope
 from vramflow.errors import InferenceOOMError, ModelError, SlotError
 from vramflow.runs import generation_settings_json, key_parts
+
+# Held for good by `stop_claims` once `vramflow run` is interrupted: from then on no batch of
+# this process marks a page `running`, so the statuses written for the interruption stay true.
+_claims = threading.Lock()
+
+
+def stop_claims() -> None:
+    """Let no batch of this process claim pages any more (the process is about to exit)."""
+    _claims.acquire()
 
 
 def retry_only_oom(task, task_run, state) -> bool:
@@ -92,7 +103,8 @@ def infer_batch(
     from vramflow.inference import PageInput
 
     logger, run_id = get_run_logger(), flow_run.id
-    claimed = _claim_pages(document_id, pages, settings, force, run_id, engine_host.worker_id())
+    with _claims:
+        claimed = _claim_pages(document_id, pages, settings, force, run_id, engine_host.worker_id())
     if not claimed:
         return {"ok": 0, "failed": 0}
     jobs = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -125,10 +126,14 @@ def _stop(err: Console, settings: Settings, file: Path, since: Any) -> None:
     Exiting without waiting: the task runner's threads would otherwise finish their batches
     first. What they have not stored is not done, and a re-run does it.
     """
+    from tasks.infer import stop_claims
     from vramflow import pdf
     from vramflow.db.queries import mark_stopped
     from vramflow.db.session import session_scope
 
+    stop_claims()  # no page becomes `running` after the statuses below are written
+    if (engine_host := sys.modules.get("tasks.engine_host")) is not None:
+        engine_host.stop_writes()  # and no answer is stored after they are counted
     with session_scope(settings.resolved_database_url) as session:
         kept = mark_stopped(session, str(file.expanduser().resolve()), since)
     name, answered = kept if kept else (file.name, 0)
