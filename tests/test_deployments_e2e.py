@@ -414,10 +414,22 @@ def test_eight_concurrent_triggers_are_all_accepted_on_postgres(stack: Stack):
 
 def test_an_encrypted_file_without_its_password_fails_in_one_line(stack: Stack):
     """The run ends Failed with the reason; neither its logs nor the worker's show a traceback."""
-    before = stack.worker_log.read_text(errors="replace").count("Traceback")
+    before = len(stack.worker_log.read_text(errors="replace"))
     run_id = stack.trigger("process-pdf", path=str(stack.root / "pdfs" / LOCKED_PDF))
     run = stack.wait(run_id, expect="FAILED")
     assert "locked.pdf is encrypted: pass its password" in run["state"]["message"]
     logs = stack.run_logs(run_id)
     assert "is encrypted: pass its password" in logs and "Traceback" not in logs
-    assert stack.worker_log.read_text(errors="replace").count("Traceback") == before
+    # The worker's log is shared with other runs (a busy server's retries may log their own).
+    since = stack.worker_log.read_text(errors="replace")[before:]
+    assert _tracebacks_about(since, "ncrypt") == [], since
+
+
+def _tracebacks_about(text: str, word: str) -> list[int]:
+    """Lines where a traceback starts that mentions `word` within its next 60 lines."""
+    lines = text.splitlines()
+    return [
+        n
+        for n, line in enumerate(lines)
+        if "Traceback" in line and any(word in later for later in lines[n : n + 60])
+    ]
