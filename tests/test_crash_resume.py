@@ -14,11 +14,11 @@ import signal
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from tests.support.runs import make_pdfs, start_run
+from tests.support.runs import make_pdfs, ok_attempts, start_run
 from tests.support.servers import stop_process_group, tail
-from vramflow.db.models import Attempt, Result
+from vramflow.db.models import Result
 from vramflow.db.session import dispose_engines, session_scope
 
 pytestmark = pytest.mark.slow
@@ -30,18 +30,6 @@ def database_url(request, tmp_path) -> str:
     if request.param == "postgres":
         return request.getfixturevalue("fresh_postgres_url")
     return f"sqlite:///{tmp_path / 'crash.db'}"
-
-
-def ok_attempts(url: str) -> dict[int, int]:
-    """page → number of successful model calls recorded for it."""
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Result.page_number, func.count(Attempt.id))
-            .join(Attempt, Attempt.result_id == Result.id)
-            .where(Attempt.outcome == "ok")
-            .group_by(Result.page_number)
-        ).all()
-    return dict(rows)
 
 
 def wait_for_ok_pages(url: str, process, count: int, timeout: float = 300) -> None:

@@ -13,12 +13,12 @@ import signal
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from tests.support.gpu_workers import FAST_HEALTH, start_gpu_worker, wait_until_serving
-from tests.support.runs import make_pdfs, start_run
+from tests.support.runs import make_pdfs, ok_attempts, start_run
 from tests.support.servers import stop_process_group, tail
-from vramflow.db.models import Attempt, Result
+from vramflow.db.models import Result
 from vramflow.db.session import dispose_engines, session_scope
 
 pytestmark = pytest.mark.slow
@@ -42,18 +42,6 @@ def env(prefect_server, database_url, tmp_path) -> dict[str, str]:
         "VRAMFLOW_DATABASE_URL": database_url,
         "VRAMFLOW_INFERENCE": "gpu-worker",
     }
-
-
-def ok_attempts(url: str) -> dict[int, int]:
-    """page → successful model calls recorded for it."""
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Result.page_number, func.count(Attempt.id))
-            .join(Attempt, Attempt.result_id == Result.id)
-            .where(Attempt.outcome == "ok")
-            .group_by(Result.page_number)
-        ).all()
-    return dict(rows)
 
 
 def claimed_by(url: str, worker_id: str) -> list[int]:

@@ -7,7 +7,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from sqlalchemy import func, select
+
 from tests.support.servers import clean_env
+from vramflow.db.models import Attempt, Result
+from vramflow.db.session import session_scope
 
 
 def start_run(
@@ -42,3 +46,15 @@ def make_pdfs(folder: Path, count: int, pages: int) -> list[Path]:
         )
         for d in range(1, count + 1)
     ]
+
+
+def ok_attempts(url: str) -> dict[int, int]:
+    """page → number of successful model calls recorded for it."""
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Result.page_number, func.count(Attempt.id))
+            .join(Attempt, Attempt.result_id == Result.id)
+            .where(Attempt.outcome == "ok")
+            .group_by(Result.page_number)
+        ).all()
+    return dict(rows)
