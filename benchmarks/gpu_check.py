@@ -79,8 +79,8 @@ def oom_split(args: argparse.Namespace) -> None:
     """Child process: measure a batch's memory, fill the card with ballast, run the flow."""
     import torch
     from sqlalchemy import select
+    from vramflow.flows.process_pdf import process_pdf
 
-    from flows.process_pdf import process_pdf
     from vramflow import gpu, models
     from vramflow.db.models import Attempt
     from vramflow.db.session import session_scope
@@ -204,7 +204,8 @@ def _calls(rows: Any) -> list[dict[str, Any]]:
 
 def worker(args: argparse.Namespace) -> None:
     """Child process: for each batch of 2 pages take ballast and weights, generate, give back."""
-    from tasks.gpu_slot import gpu_slot
+    from vramflow.tasks.gpu_slot import gpu_slot
+
     from vramflow import gpu, models
     from vramflow.inference import GenerationSettings, PageInput
 

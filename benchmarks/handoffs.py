@@ -74,7 +74,8 @@ class Recorder:
 
 def instrument(recorder: Recorder) -> None:
     """Wrap what a batch goes through; the flow and its tasks look these up at call time."""
-    from tasks import engine_host, gpu_slot, infer
+    from vramflow.tasks import engine_host, gpu_slot, infer
+
     from vramflow import inference, pdf
 
     recorder.wrap(inference, "generate_batch", "generate")
@@ -172,7 +173,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[
     pdf, _ = build_page_set(work, args.pages)
     with temporary_prefect_server(work / "prefect-server") as api_url:
         os.environ["PREFECT_API_URL"] = api_url
-        from flows.process_pdf import process_pdf
+        from vramflow.flows.process_pdf import process_pdf
 
         recorder = Recorder()
         instrument(recorder)

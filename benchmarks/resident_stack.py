@@ -89,7 +89,6 @@ class Stack:
             VRAMFLOW_HOME=str(self.folder / "home"),
             VRAMFLOW_DATABASE_URL=self.database_url,
             VRAMFLOW_INFERENCE="gpu-worker",
-            VRAMFLOW_REPO=str(REPO),
             PYTHONPATH=str(REPO),
         )
         return env

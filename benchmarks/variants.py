@@ -217,15 +217,16 @@ def _log_retries() -> None:
     """The slot's own debug log (each retry), and the Prefect client's (each request it makes
     again after a 503, with its back-off), join this variant's log file through the console
     handler Prefect's logging configuration gives them."""
-    logging.getLogger("tasks.gpu_slot").setLevel(logging.DEBUG)
+    logging.getLogger("vramflow.tasks.gpu_slot").setLevel(logging.DEBUG)
     logging.getLogger("prefect.client").setLevel(logging.DEBUG)
 
 
 def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dict[str, Any]:
     """Warm up on a one-page document, then time the flow (`process_pdf` over the benchmark
     document, or `sweep_inbox` over the folder of documents)."""
-    from flows.process_pdf import process_pdf
-    from flows.sweep_inbox import sweep_inbox
+    from vramflow.flows.process_pdf import process_pdf
+    from vramflow.flows.sweep_inbox import sweep_inbox
+
     from vramflow import pdf
     from vramflow.config import Settings
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
-
-from flows.process_pdf import process_pdf
-from flows.retry_failed import retry_failed
-from flows.sweep_inbox import sweep_inbox
+from vramflow.flows.process_pdf import process_pdf
+from vramflow.flows.retry_failed import retry_failed
+from vramflow.flows.sweep_inbox import sweep_inbox
 
 SWEEP_CRON = "*/10 * * * *"
 RETRY_CRON = "0 3 * * *"
 TIMEZONE = "UTC"
 TAGS = ["vramflow"]
-# Flows are found by module (`flows.process_pdf.process_pdf`), wherever the server is started.
+# Flows are found by module (`vramflow.flows.process_pdf.process_pdf`), wherever the server
+# is started.
 MODULE = EntrypointType.MODULE_PATH
 
 

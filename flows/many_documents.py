@@ -17,9 +17,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows.process_pdf import process_pdf
-from tasks.outcomes import Outcome, failed_outcome, outcome_of_run
+from vramflow.flows.process_pdf import process_pdf
+from vramflow.tasks.outcomes import Outcome, failed_outcome, outcome_of_run
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,13 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
+from vramflow.tasks.dispatch import BatchRun, start_batch
+from vramflow.tasks.documents import open_document
+from vramflow.tasks.extract import extract_page
+from vramflow.tasks.infer import infer_batch
+from vramflow.tasks.report import ProgressReport, publish_summary
+from vramflow.tasks.run_report import publish_run_report
 
-from tasks.dispatch import BatchRun, start_batch
-from tasks.documents import open_document
-from tasks.extract import extract_page
-from tasks.infer import infer_batch
-from tasks.report import ProgressReport, publish_summary
-from tasks.run_report import publish_run_report
 from vramflow.config import Settings, resolve_settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope

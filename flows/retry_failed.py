@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-
-from flows.many_documents import DocumentJob, process_documents
-from flows.process_pdf import build_settings
-from tasks.outcomes import Outcome, publish_outcomes
-from tasks.retries import plan_retries
+from vramflow.flows.many_documents import DocumentJob, process_documents
+from vramflow.flows.process_pdf import build_settings
+from vramflow.tasks.outcomes import Outcome, publish_outcomes
+from vramflow.tasks.retries import plan_retries
 
 
 @flow(name="retry-failed", flow_run_name="retry-failed", log_prints=True)

@@ -7,11 +7,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from vramflow.flows.many_documents import DocumentJob, process_documents
+from vramflow.flows.process_pdf import build_settings
+from vramflow.tasks.inbox import scan_inbox
+from vramflow.tasks.outcomes import Outcome, publish_outcomes
 
-from flows.many_documents import DocumentJob, process_documents
-from flows.process_pdf import build_settings
-from tasks.inbox import scan_inbox
-from tasks.outcomes import Outcome, publish_outcomes
 from vramflow.runs import validate_prompt
 
 

@@ -12,8 +12,9 @@ import socket
 import threading
 from typing import Any
 
-from tasks.gpu_slot import gpu_slot
-from tasks.recording import store_call
+from vramflow.tasks.gpu_slot import gpu_slot
+from vramflow.tasks.recording import store_call
+
 from vramflow import admission, gpu, metrics, models, slot_records, torch_thread
 from vramflow.config import Settings
 from vramflow.db import queries

@@ -5,7 +5,7 @@ every acquisition, and again each time it finds the slot taken (Prefect silently
 when the limit is missing or inactive); a request the busy server answered with 503 is simply
 made again. It frees the slots of holders on this host that died without releasing (recorded by
 `vramflow.slot_records`), takes one slot with a lease that is renewed while it is held
-(`tasks.lease_keeper`), and gives it back to the server when the block ends.
+(`vramflow.tasks.lease_keeper`), and gives it back to the server when the block ends.
 
 In a process, the engine of a device (`vramflow.engine`) holds the slot while pages wait. Other
 threads may ask for the same slot too (several engines, tests): a semaphore of `size` per slot
@@ -45,9 +45,9 @@ from prefect.client.schemas.responses import (
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
+from vramflow.tasks.lease_keeper import LeaseKeeper
+from vramflow.tasks.prefect_private import send_once
 
-from tasks.lease_keeper import LeaseKeeper
-from tasks.prefect_private import send_once
 from vramflow import slot_records
 from vramflow.errors import ConfigError, SlotError
 

@@ -2,8 +2,8 @@
 batches of every flow run, served through Prefect's task workers.
 
 The process registers itself in the database and records a heartbeat, so that waiting flow runs
-can tell a dead worker from a busy one (tasks.dispatch). Its engine (tasks.engine_host) follows
-the worker's own settings for the device and the GPU slot.
+can tell a dead worker from a busy one (vramflow.tasks.dispatch). Its engine
+(vramflow.tasks.engine_host) follows the worker's own settings for the device and the GPU slot.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from contextlib import contextmanager
 
 from prefect.settings import get_current_settings
 from prefect.task_worker import serve
+from vramflow.tasks import engine_host
+from vramflow.tasks.gpu_slot import ensure_slot_limit
+from vramflow.tasks.infer import infer_batch
 
-from tasks import engine_host
-from tasks.gpu_slot import ensure_slot_limit
-from tasks.infer import infer_batch
 from vramflow import gpu, metrics, models, torch_thread
 from vramflow.config import Settings
 from vramflow.db import workers

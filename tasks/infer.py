@@ -98,7 +98,8 @@ def infer_batch(
 ) -> dict[str, int]:
     """Generate answers for `pages` of document `document_id` with the model, prompt and
     generation settings of `settings`; stores them, and returns the counts ok and failed."""
-    from tasks import engine_host  # torch, on first use
+    from vramflow.tasks import engine_host  # torch, on first use
+
     from vramflow.engine import PageJob
     from vramflow.inference import PageInput
 

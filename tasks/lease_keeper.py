@@ -5,8 +5,8 @@ thread and an HTTP client, and renews at once on entry (a grant has just set the
 
 A `LeaseKeeper` starts when the server grants the lease and stops when the lease goes back. It
 renews on a timer, never at once, and if a renewal fails, the slot is no longer reserved: the
-holder is cancelled like Prefect cancels it (`tasks.prefect_private.cancel_scope`), and a holder
-entering after the failure is refused the lease.
+holder is cancelled like Prefect cancels it (`vramflow.tasks.prefect_private.cancel_scope`),
+and a holder entering after the failure is refused the lease.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import get_client
+from vramflow.tasks.prefect_private import CancelScope, cancel_scope
 
-from tasks.prefect_private import CancelScope, cancel_scope
 from vramflow.errors import SlotError
 
 logger = logging.getLogger(__name__)

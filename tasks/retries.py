@@ -11,8 +11,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from vramflow.tasks.outcomes import Outcome
 
-from tasks.outcomes import Outcome
 from vramflow.config import Settings
 from vramflow.db import maintenance
 from vramflow.db.maintenance import RetryJob, RetryRow

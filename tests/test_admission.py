@@ -32,7 +32,8 @@ def two_models(tiny_model_dir, tmp_path_factory) -> list[Path]:
 
 def needs(models: list[Path], env: dict[str, str]) -> list[int]:
     """Each model's grant in MiB, as the engine computes it under `env`."""
-    from tasks.engine_host import Grants
+    from vramflow.tasks.engine_host import Grants
+
     from vramflow import models as loading
     from vramflow.config import Settings
 

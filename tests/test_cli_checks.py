@@ -121,7 +121,7 @@ def test_bad_files_are_refused_one_line_each_before_anything_runs(env, tmp_path)
 
 
 def test_run_has_an_option_for_every_parameter_of_the_flow():
-    from flows.process_pdf import process_pdf
+    from vramflow.flows.process_pdf import process_pdf
 
     command = typer.main.get_command(app).commands["run"]
     options = {p.name for p in command.params}
@@ -131,8 +131,8 @@ def test_run_has_an_option_for_every_parameter_of_the_flow():
 
 def test_flow_parameters_that_are_settings_default_to_the_settings():
     """A concrete default would override VRAMFLOW_MODEL and the like on every run."""
-    from flows.process_pdf import process_pdf
-    from flows.sweep_inbox import sweep_inbox
+    from vramflow.flows.process_pdf import process_pdf
+    from vramflow.flows.sweep_inbox import sweep_inbox
 
     for flow in (process_pdf, sweep_inbox):
         for name, parameter in inspect.signature(flow.fn).parameters.items():

@@ -30,7 +30,7 @@ def expected_outcome(row: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def corpus_run(prefect_harness, tiny_model_dir, tmp_path_factory):
     """Process every file once, in MANIFEST order, into one shared database."""
-    from flows.process_pdf import process_pdf
+    from vramflow.flows.process_pdf import process_pdf
 
     home = tmp_path_factory.mktemp("corpus-home")
     patch = pytest.MonkeyPatch()

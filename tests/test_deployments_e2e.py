@@ -165,7 +165,6 @@ def stack(
         VRAMFLOW_DATABASE_URL=database_url,
         VRAMFLOW_INBOX=str(root / "empty-inbox"),  # what a scheduled sweep would read
     )
-    env.pop("VRAMFLOW_REPO", None)  # resolved on the worker's host, not baked in at deploy time
     _prefect(env, "work-pool", "create", POOL, "--type", "process", "--overwrite")
     _prefect(env, "--no-prompt", "deploy", "--all")
     env.update(FAST_HEALTH, VRAMFLOW_INFERENCE="gpu-worker")
@@ -175,12 +174,12 @@ def stack(
         start_gpu_worker(env, tiny_model_dir, log, "--metrics-port", str(port))
         for log, port in zip(gpu_logs, metrics_ports, strict=True)
     ]
-    worker_env = {**env, "VRAMFLOW_REPO": str(REPO_ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     log_path = root / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-            cwd=root,  # not the checkout: the deployments' pull step must change into it
+            cwd=root,  # not the checkout: flow runs import the installed vramflow
             env=worker_env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -238,13 +237,8 @@ def test_prefect_yaml_deploys_three_deployments_to_the_pool(stack: Stack):
     )
     for deployment in stack.deployments.values():
         assert deployment["work_pool_name"] == POOL
-        assert deployment["pull_steps"] == [
-            {
-                "prefect.deployments.steps.set_working_directory": {
-                    "directory": "{{ $VRAMFLOW_REPO }}"
-                }
-            }
-        ]
+        assert deployment["pull_steps"] == []  # nothing baked in from the deploying host
+        assert deployment["entrypoint"].startswith("vramflow.flows.")
     schema = process["parameter_openapi_schema"]
     assert schema["required"] == ["path"]
     # Not given: the worker's VRAMFLOW_MAX_NEW_TOKENS decides.

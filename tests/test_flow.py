@@ -33,8 +33,7 @@ def run_state(model_dir: Path | None, task_workers: int | None = None, **params)
     """The flow's final state over the demo PDF; `task_workers=1` runs its tasks one at a time,
     in order. `model_dir` None leaves the model to VRAMFLOW_MODEL."""
     from prefect.task_runners import ThreadPoolTaskRunner
-
-    from flows.process_pdf import process_pdf
+    from vramflow.flows.process_pdf import process_pdf
 
     flow = process_pdf
     if task_workers:
@@ -180,7 +179,8 @@ def test_pages_without_text_skip_inference(env, tiny_model_dir, tmp_path):
 def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_dir, monkeypatch):
     """A document keeps BATCHES_IN_FLIGHT batches submitted, not every page from the start:
     at batch size 1, page 4 is extracted only after one model call is over."""
-    from flows.process_pdf import BATCHES_IN_FLIGHT
+    from vramflow.flows.process_pdf import BATCHES_IN_FLIGHT
+
     from vramflow import engine, pdf
 
     extracted, inferred = {}, {}
@@ -330,8 +330,9 @@ def test_every_torch_call_of_the_flow_runs_on_one_thread(env, tiny_model_dir, mo
 def test_the_next_batch_waits_in_the_engine_while_one_generates(env, tiny_model_dir, monkeypatch):
     """The engine keeps the slot only while pages wait: each of the first three calls of four
     pages one by one must find the next page queued, and the slot is taken from the server once."""
-    from tasks import engine_host
-    from tasks import gpu_slot as gpu_slot_module
+    from vramflow.tasks import engine_host
+    from vramflow.tasks import gpu_slot as gpu_slot_module
+
     from vramflow import inference
 
     generate, acquire = inference.generate_batch, gpu_slot_module._acquire
@@ -363,7 +364,8 @@ def test_the_next_batch_waits_in_the_engine_while_one_generates(env, tiny_model_
 def test_the_slot_passes_on_while_the_answers_are_stored(env, tiny_model_dir, monkeypatch):
     """A holder that wrote its answers itself kept the slot for that commit, 3-5 ms of every
     hand-off. The first batch's answers are held back here until the second batch generates."""
-    from tasks import engine_host
+    from vramflow.tasks import engine_host
+
     from vramflow import inference
 
     generate, store = inference.generate_batch, engine_host.store_call
@@ -393,7 +395,7 @@ def test_the_slot_passes_on_while_the_answers_are_stored(env, tiny_model_dir, mo
 def test_the_progress_artifact_is_updated_at_most_every_so_often_and_at_the_end(
     env, tiny_model_dir, monkeypatch, every_seconds, shown
 ):
-    from tasks import report
+    from vramflow.tasks import report
 
     updates: list[float] = []
     update = report.aupdate_progress_artifact
@@ -441,8 +443,7 @@ def test_process_documents_runs_at_most_documents_at_once_together(
 
     from prefect import flow
     from prefect.states import Completed
-
-    from flows import many_documents
+    from vramflow.flows import many_documents
 
     lock, running, most = threading.Lock(), [0], [0]
     together = threading.Barrier(documents_at_once, timeout=60)
@@ -470,7 +471,8 @@ def test_process_documents_runs_at_most_documents_at_once_together(
 def test_sweep_runs_documents_side_by_side_and_the_model_one_batch_at_a_time(
     env, tiny_model_dir, tmp_path
 ):
-    from flows.sweep_inbox import sweep_inbox
+    from vramflow.flows.sweep_inbox import sweep_inbox
+
     from vramflow.demo.pdfgen import write_text_pdf
 
     inbox = tmp_path / "inbox"

@@ -60,7 +60,7 @@ def _broken_encryption(path: Path) -> Path:
 def test_a_document_with_failed_pages_ends_failed_and_retry_failed_finds_it(
     env, tiny_model_dir, monkeypatch
 ):
-    from flows.retry_failed import retry_failed
+    from vramflow.flows.retry_failed import retry_failed
 
     monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "page=2,times=all")
     state = run_state(tiny_model_dir)
@@ -184,8 +184,7 @@ def test_a_password_is_stored_nowhere(env, tiny_model_dir, tmp_path):
 
 def test_the_sweep_still_counts_a_partial_document_as_processed():
     from prefect.states import Failed
-
-    from tasks.outcomes import outcome_of_run
+    from vramflow.tasks.outcomes import outcome_of_run
 
     partial = {"status": "partial", "pages_ok": 5, "pages_failed": 1}
     outcome = outcome_of_run("a.pdf", Failed(message="a.pdf: 1 of 6 pages failed", data=partial))

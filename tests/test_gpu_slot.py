@@ -32,8 +32,8 @@ from prefect.concurrency._sync import (
 )
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from vramflow.tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
 
-from tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
 from tests.support.servers import (
     REPO_ROOT,
     api_url_everywhere,

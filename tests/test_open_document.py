@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prefect.logging import disable_run_logger
 from sqlalchemy import func, select
+from vramflow.tasks.documents import open_document
 
-from tasks.documents import open_document
 from vramflow.config import Settings
 from vramflow.db.models import Document
 from vramflow.db.session import session_scope
@@ -62,7 +62,7 @@ def test_a_readable_document_is_recorded_running(settings: Settings):
 
 
 def test_the_inbox_sweep_does_not_hash_a_file_over_the_size_limit(tmp_path, settings):
-    from tasks.inbox import scan_inbox
+    from vramflow.tasks.inbox import scan_inbox
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

@@ -129,7 +129,7 @@ def test_failed_stuck_and_partial_results_become_one_job_per_document_and_key(ur
 
 
 def test_scan_inbox_tells_new_known_renamed_and_duplicate_files_apart(tmp_path):
-    from tasks.inbox import scan_inbox
+    from vramflow.tasks.inbox import scan_inbox
 
     url = f"sqlite:///{tmp_path / 'vramflow.db'}"
     settings, inbox = _settings(url), tmp_path / "inbox"
@@ -170,7 +170,7 @@ def test_scan_inbox_tells_new_known_renamed_and_duplicate_files_apart(tmp_path):
 
 
 def test_retry_planning_refuses_what_process_pdf_could_not_redo(tmp_path):
-    from tasks.retries import _why_not
+    from vramflow.tasks.retries import _why_not
 
     url = f"sqlite:///{tmp_path / 'vramflow.db'}"
     settings, pdf = _settings(url), tmp_path / "a.pdf"
@@ -199,7 +199,7 @@ def _prefect_yaml() -> dict:
 
 
 def test_prefect_yaml_and_served_deployments_agree():
-    from flows.deployments import deployments
+    from vramflow.flows.deployments import deployments
 
     declared = {d["name"]: d for d in _prefect_yaml()["deployments"]}
     served = {d.name: d for d in deployments()}
@@ -226,8 +226,8 @@ def test_prefect_yaml_and_served_deployments_agree():
 def test_deployments_leave_the_generation_settings_to_the_workers():
     """Pinned in the yaml, a value would override the worker's VRAMFLOW_* setting on every
     run; a value pinned on purpose must at least be one both flows accept."""
-    from flows.process_pdf import process_pdf
-    from flows.sweep_inbox import sweep_inbox
+    from vramflow.flows.process_pdf import process_pdf
+    from vramflow.flows.sweep_inbox import sweep_inbox
 
     yaml_file = _prefect_yaml()
     generation = yaml_file["definitions"]["parameters"]["generation"]
@@ -260,7 +260,8 @@ def test_flow_processes_import_neither_torch_nor_transformers():
     import sys
 
     code = (
-        "import sys, flows.process_pdf, flows.sweep_inbox, flows.retry_failed, flows.deployments;"
+        "import sys, vramflow.flows.process_pdf, vramflow.flows.sweep_inbox,"
+        " vramflow.flows.retry_failed, vramflow.flows.deployments;"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     done = subprocess.run(

@@ -157,7 +157,8 @@ def test_plot_without_runs_is_one_clear_line(tmp_path):
     ],
 )
 def test_slot_names_the_template_makes_are_the_ones_status_finds(template, device, host):
-    from tasks.slot_status import name_pattern
+    from vramflow.tasks.slot_status import name_pattern
+
     from vramflow.gpu import slot_name
 
     pattern = name_pattern(template)

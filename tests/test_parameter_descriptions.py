@@ -28,7 +28,7 @@ def _undescribed(schema: dict) -> list[str]:
 
 
 def test_served_deployments_describe_every_parameter():
-    from flows.deployments import deployments
+    from vramflow.flows.deployments import deployments
 
     served = deployments()
     assert {d.name for d in served} == {"process-pdf", "sweep-inbox", "retry-failed"}

@@ -1,4 +1,5 @@
-"""The private Prefect API vramflow uses (tasks.prefect_private), against this Prefect version.
+"""The private Prefect API vramflow uses (vramflow.tasks.prefect_private), against this
+Prefect version.
 
 These fail when an upgrade of Prefect moves, renames or changes what the wrappers rely on.
 """
@@ -12,9 +13,9 @@ import time
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from vramflow.tasks import prefect_private
+from vramflow.tasks.gpu_slot import ensure_slot_limit
 
-from tasks import prefect_private
-from tasks.gpu_slot import ensure_slot_limit
 from tests.support.slots import read_limit, unique_name
 
 INCREMENT = "/v2/concurrency_limits/increment-with-lease"

@@ -119,7 +119,7 @@ def _artifacts(flow_run_id: str) -> dict[str, dict]:
 
 
 def test_a_document_run_publishes_its_pages_and_its_picture(env, tiny_model_dir, monkeypatch):
-    from flows.process_pdf import process_pdf
+    from vramflow.flows.process_pdf import process_pdf
 
     monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "page=3,times=all")
     state = asyncio.run(

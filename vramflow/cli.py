@@ -113,7 +113,7 @@ def run(
 
 def _say_if_no_gpu_worker(settings: Settings) -> None:
     """With a Prefect server the pages go to GPU workers: say so up front when none is alive."""
-    from tasks.dispatch import uses_gpu_workers
+    from vramflow.tasks.dispatch import uses_gpu_workers
 
     if not uses_gpu_workers(settings):
         return
@@ -263,7 +263,7 @@ def serve(
     from prefect import serve as serve_deployments
     from prefect.settings import get_current_settings
 
-    from flows.deployments import deployments
+    from vramflow.flows.deployments import deployments
 
     if not get_current_settings().api.url:
         raise VramflowError(
@@ -335,7 +335,7 @@ def gpu_worker(
     _prepare_prefect(not quiet)
     import logging
 
-    from tasks.gpu_worker import run_gpu_worker
+    from vramflow.tasks.gpu_worker import run_gpu_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = {"device": device} if device else {}

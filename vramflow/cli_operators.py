@@ -138,7 +138,7 @@ def _read_limits(template: str) -> list[Any]:
     from vramflow.cli import _prepare_prefect
 
     _prepare_prefect(verbose=False)
-    from tasks.slot_status import device_slots
+    from vramflow.tasks.slot_status import device_slots
 
     try:
         return device_slots(template)

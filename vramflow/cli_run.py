@@ -32,8 +32,8 @@ def run_files(
     with one line saying what was kept (and exits 130)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.process_pdf import process_pdf
     from vramflow.db.models import utcnow
+    from vramflow.flows.process_pdf import process_pdf
 
     start_temporary_server(settings, err)
     flow = process_pdf.with_options(
@@ -126,13 +126,13 @@ def _stop(err: Console, settings: Settings, file: Path, since: Any) -> None:
     Exiting without waiting: the task runner's threads would otherwise finish their batches
     first. What they have not stored is not done, and a re-run does it.
     """
-    from tasks.infer import stop_claims
     from vramflow import pdf
     from vramflow.db.queries import mark_stopped
     from vramflow.db.session import session_scope
+    from vramflow.tasks.infer import stop_claims
 
     stop_claims()  # no page becomes `running` after the statuses below are written
-    if (engine_host := sys.modules.get("tasks.engine_host")) is not None:
+    if (engine_host := sys.modules.get("vramflow.tasks.engine_host")) is not None:
         engine_host.stop_writes()  # and no answer is stored after they are counted
     with session_scope(settings.resolved_database_url) as session:
         kept = mark_stopped(session, str(file.expanduser().resolve()), since)

@@ -3,9 +3,9 @@
     python tests/support/engine_worker.py MODEL --pages N --out F --ready F --go F
 
 Loads MODEL, signals ready, waits for the go file, then answers N pages through
-`tasks.engine_host`'s engine (the real GPU slot on the Prefect server of PREFECT_API_URL, with
-the admission and device settings of the environment) and writes one JSON line per hold to
---out: pid, start and end (time.time()), the slots it occupied and the model.
+`vramflow.tasks.engine_host`'s engine (the real GPU slot on the Prefect server of
+PREFECT_API_URL, with the admission and device settings of the environment) and writes one JSON
+line per hold to --out: pid, start and end (time.time()), the slots it occupied and the model.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--go", type=Path, required=True)
     args = parser.parse_args()
 
-    from tasks import engine_host
+    from vramflow.tasks import engine_host
+
     from vramflow.config import Settings
     from vramflow.engine import Engine, PageJob
     from vramflow.inference import PageInput

@@ -33,7 +33,7 @@ INITIAL_TABLES = {"documents", "pages", "results", "attempts", "slot_holds"}
 def alembic_config(url: str) -> Config:
     """Alembic's configuration for the database at `url`; no alembic.ini needed."""
     config = Config()
-    config.set_main_option("script_location", str(files("migrations")))
+    config.set_main_option("script_location", str(files("vramflow.migrations")))
     config.set_main_option("path_separator", "os")
     config.set_main_option("file_template", FILE_TEMPLATE.replace("%", "%%"))
     config.set_main_option("timezone", "UTC")
