@@ -273,6 +273,19 @@ def test_a_run_triggered_through_the_api_stores_every_page_and_reports(
     assert picture["type"] == "markdown" and "](data:image/png;base64," in picture["data"]
 
 
+def test_runs_import_the_installed_flows_not_the_deploying_folder(
+    stack: Stack, first_run: dict[str, Any]
+):
+    """The deployments carry nothing of the folder they were deployed from (no path, no pull
+    step), and the worker runs outside the checkout with no VRAMFLOW_REPO: its runs imported
+    vramflow's flows by module from the installed package."""
+    for deployment in stack.deployments.values():
+        assert (deployment["path"], deployment["pull_steps"]) == (None, [])
+    log = stack.worker_log.read_text(errors="replace")
+    assert "Beginning flow run" in log and "pull step" not in log
+    assert first_run["state"]["type"] == "COMPLETED"
+
+
 def test_the_gpu_workers_metrics_show_the_calls_they_made(stack: Stack, first_run: dict[str, Any]):
     """Between them, the two GPU workers loaded the model and answered the first run's pages."""
     totals: dict[str, float] = {}

@@ -69,6 +69,6 @@ def test_prefect_yaml_entrypoints_import_from_the_installed_package():
     entrypoints = [line.split(":", 1)[1].strip() for line in lines if "entrypoint:" in line]
     assert len(entrypoints) == 3
     for entrypoint in entrypoints:
-        module, function = entrypoint.split(":")
+        module, _, function = entrypoint.rpartition(".")
         assert module.startswith("vramflow.flows.")
         assert importlib.util.find_spec(module) is not None, entrypoint
