@@ -7,6 +7,7 @@
 Starts its own stack in a work folder, whatever VRAMFLOW_* the caller's environment says: a real
 `prefect server start` (SQLite), the `vramflow-gpu` process pool with the repository's deployments,
 one `prefect worker start` and one `vramflow gpu-worker`; one warm-up run loads the model. Then:
+  alone   one process-pdf run of `--burst-pages` pages, with nothing else running
   burst   `--runs` process-pdf runs of `--burst-pages` pages, triggered at once through the REST API
   single  one process-pdf run over `--sweep-documents` x 2 pages at batch size 8
   sweep   one sweep-inbox run over `--sweep-documents` documents of 2 pages at batch size 8
@@ -129,6 +130,8 @@ def measure(stack: Stack, args: argparse.Namespace, sampler: Sampler) -> dict[st
     [warm] = stack.wait(
         [stack.trigger("process-pdf", path=str(warmup_pdf(stack.folder)), **generation)]
     )
+    [alone_doc] = documents(stack.folder / "alone", 1, args.burst_pages, seed=4)
+    [alone] = stack.wait([stack.trigger("process-pdf", path=str(alone_doc), **generation)])
     burst_docs = documents(stack.folder / "burst", args.runs, args.burst_pages, seed=1)
     burst_started = time.time()
     ids = [
@@ -153,9 +156,8 @@ def measure(stack: Stack, args: argparse.Namespace, sampler: Sampler) -> dict[st
         ]
     )
     time.sleep(1.0)  # the sampler's last looks at the ended processes
-    return summarize(
-        stack, args, sampler, [warm, *burst, single, sweep], burst, burst_wall, single, sweep
-    )
+    every = [warm, alone, *burst, single, sweep]
+    return summarize(stack, args, sampler, every, burst, burst_wall, single, sweep)
 
 
 def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> dict[str, Any]:
@@ -166,8 +168,12 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
         for r in burst
         if r["id"] in procs and r["id"] in firsts
     ]
-    warm = every[0]  # the warm-up run: alone, the GPU worker and the model already warm
-    alone = firsts[warm["id"]] - procs[warm["id"]].started if warm["id"] in procs else None
+    alone_run = every[1]  # after the warm-up run: alone, with the model loaded
+    alone = (
+        firsts[alone_run["id"]] - procs[alone_run["id"]].started
+        if alone_run["id"] in procs and alone_run["id"] in firsts
+        else None
+    )
     at_worker = first_batch_at_worker(stack, [r["id"] for r in burst])
     to_worker = [at_worker[r] - procs[r].started for r in at_worker if r in procs]
     intervals = calls(stack.database_url)
@@ -231,7 +237,8 @@ def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys
     width = max(len(name) for name, _ in rows)
     print(
         f"resident GPU worker: model {args.model}, {args.max_new_tokens} new tokens, "
-        f"device {args.device_label}, SQLite (results and Prefect server)",
+        f"device {args.device_label}, SQLite (results and Prefect server)"
+        + (", runs started without the workspace supervisor" if args.engine_command else ""),
         file=out,
     )
     for name, value in rows:
@@ -258,6 +265,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--model-cache-dir", type=Path, default=None, help="reuse converted models kept here"
     )
+    parser.add_argument(
+        "--engine-command",
+        action="store_true",
+        help="give runs the process worker's `command` job variable (this Python's\n"
+        "`-m prefect.engine`), which skips Prefect's workspace supervisor process",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     return parser.parse_args(argv)
 
@@ -271,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "home").mkdir(exist_ok=True)
         (folder / "home" / "models").symlink_to(args.model_cache_dir.resolve())
     stack = Stack(folder.resolve(), args.model)
+    if args.engine_command:
+        stack.job_variables["command"] = f"{sys.executable} -m prefect.engine"
     try:
         stack.start()
         sampler = Sampler(stack.worker.pid)

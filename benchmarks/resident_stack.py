@@ -78,6 +78,8 @@ class Stack:
         self.folder, self.model, self.processes = folder, model, []
         self.database_url = f"sqlite:///{folder / 'vramflow.db'}"
         self.env = self._base_env()
+        # The process worker's job variables for every run triggered (e.g. its `command`).
+        self.job_variables: dict[str, Any] = {}
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VRAMFLOW_"))}
@@ -143,7 +145,8 @@ class Stack:
     def trigger(self, deployment: str, **parameters: Any) -> str:
         found = self._call("GET", f"deployments/name/{deployment}/{deployment}")
         path = f"deployments/{found['id']}/create_flow_run"
-        return self._call("POST", path, json={"parameters": parameters})["id"]
+        body = {"parameters": parameters, "job_variables": self.job_variables}
+        return self._call("POST", path, json=body)["id"]
 
     def wait(self, run_ids: list[str], timeout: float = 1800) -> list[dict[str, Any]]:
         deadline, runs = time.monotonic() + timeout, {}
