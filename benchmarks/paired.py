@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from pages import build_page_set  # noqa: E402
-from throughput import (  # noqa: E402
+from variant_runs import (  # noqa: E402
     add_output_options,
     add_variant_options,
     flow_server,

@@ -23,7 +23,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from pages import write_prose_pdf  # noqa: E402
 from server import temporary_prefect_server  # noqa: E402
-from throughput import add_output_options, run_variant, say, work_folder  # noqa: E402
+from variant_runs import add_output_options, run_variant, say, work_folder  # noqa: E402
 
 TARGET_RATIO = 1.25
 

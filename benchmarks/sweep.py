@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from pages import build_page_set  # noqa: E402
-from throughput import (  # noqa: E402
-    _fmt,
+from throughput_report import fmt  # noqa: E402
+from variant_runs import (  # noqa: E402
     add_output_options,
     add_variant_options,
     batch_sizes,
@@ -112,12 +112,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             row["name"],
             str(row["documents_at_once"]),
             str(row["batch_size"]),
-            _fmt(row["pages_per_s"], ".3f"),
-            _fmt(row["ratio_to_sequential"], ".2f"),
-            _fmt(row["overhead_ms_per_page"], ".0f"),
-            _fmt(row["peak_rss_bytes"] / 2**20, ".0f"),
+            fmt(row["pages_per_s"], ".3f"),
+            fmt(row["ratio_to_sequential"], ".2f"),
+            fmt(row["overhead_ms_per_page"], ".0f"),
+            fmt(row["peak_rss_bytes"] / 2**20, ".0f"),
             str(row["max_concurrent_calls"]),
-            _fmt(row["slot_busy_fraction"], ".2f"),
+            fmt(row["slot_busy_fraction"], ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

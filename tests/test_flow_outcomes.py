@@ -12,15 +12,15 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from tests import test_flow
-from tests.test_flow import DEMO, run_state
+from tests.support import flow_runs
+from tests.support.flow_runs import DEMO, run_state
 from vramflow.db import queries
 from vramflow.db.models import Document, Result, SlotHold
 from vramflow.db.schema import ensure_schema
 from vramflow.db.session import session_scope
 from vramflow.pdf import file_sha256
 
-env = test_flow.env  # the same fixture: a fresh vramflow home per test
+env = flow_runs.env  # the same fixture: a fresh vramflow home per test
 
 
 def _flow_logs(run_id) -> list[str]:

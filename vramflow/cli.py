@@ -82,8 +82,6 @@ def run(
 
     Example: vramflow run report.pdf --prompt "Summarise this page in two sentences."
     """
-    from pydantic import SecretStr
-
     from vramflow import cli_run, preflight
 
     overrides = {
@@ -97,39 +95,12 @@ def run(
     # touched: a bad command line changes nothing.
     settings = preflight.check_run(files, pages, **overrides)
     _prepare_prefect(verbose)
-    _say_if_no_gpu_worker(settings)
-    parameters = {
-        **overrides,
-        "pages": pages,
-        "force": force,
-        # Prefect stores a SecretStr parameter as "**********", never in plain text.
-        "password": SecretStr(password) if password is not None else None,
-    }
+    cli_run.say_if_no_gpu_worker(settings, err)
+    parameters = cli_run.flow_parameters(overrides, pages, force, password)
     summaries = cli_run.run_files(files, parameters, settings, err)
     cli_run.print_run_summary(console, summaries)
     if any(s.get("status") != "done" for s in summaries):
         raise typer.Exit(1)
-
-
-def _say_if_no_gpu_worker(settings: Settings) -> None:
-    """With a Prefect server the pages go to GPU workers: say so up front when none is alive."""
-    from vramflow.tasks.dispatch import uses_gpu_workers
-
-    if not uses_gpu_workers(settings):
-        return
-    from vramflow.db import workers
-    from vramflow.db.schema import ensure_schema
-    from vramflow.db.session import session_scope
-
-    ensure_schema(settings.resolved_database_url)
-    with session_scope(settings.resolved_database_url) as session:
-        if workers.alive(session, settings.gpu_worker_timeout_seconds):
-            return
-    err.print(
-        "no GPU worker is running for this database: start `vramflow gpu-worker` (the pages "
-        f"wait up to {settings.gpu_worker_wait_seconds:g} s for one), or set "
-        "VRAMFLOW_INFERENCE=in-process to load the model in this process"
-    )
 
 
 @app.command()

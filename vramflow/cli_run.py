@@ -53,6 +53,43 @@ def run_files(
     return summaries
 
 
+def flow_parameters(
+    overrides: dict[str, Any], pages: str | None, force: bool, password: str | None
+) -> dict[str, Any]:
+    """`process-pdf`'s parameters: the settings given on the command line, the pages to do and
+    the password."""
+    from pydantic import SecretStr
+
+    return {
+        **overrides,
+        "pages": pages,
+        "force": force,
+        # Prefect stores a SecretStr parameter as "**********", never in plain text.
+        "password": SecretStr(password) if password is not None else None,
+    }
+
+
+def say_if_no_gpu_worker(settings: Settings, err: Console) -> None:
+    """With a Prefect server the pages go to GPU workers: say so up front when none is alive."""
+    from vramflow.tasks.dispatch import uses_gpu_workers
+
+    if not uses_gpu_workers(settings):
+        return
+    from vramflow.db import workers
+    from vramflow.db.schema import ensure_schema
+    from vramflow.db.session import session_scope
+
+    ensure_schema(settings.resolved_database_url)
+    with session_scope(settings.resolved_database_url) as session:
+        if workers.alive(session, settings.gpu_worker_timeout_seconds):
+            return
+    err.print(
+        "no GPU worker is running for this database: start `vramflow gpu-worker` (the pages "
+        f"wait up to {settings.gpu_worker_wait_seconds:g} s for one), or set "
+        "VRAMFLOW_INFERENCE=in-process to load the model in this process"
+    )
+
+
 def _run_in_thread(coroutine: Any) -> Any:
     """Run the flow on a thread of its own, so that Ctrl-C reaches this (main) thread at once:
     `asyncio.run` in the main thread would first wait for the batches in flight to finish."""
