@@ -142,9 +142,10 @@ def test_resident_gpu_worker_serves_every_run_with_one_model_load(
     options += ["--sweep-documents", "3", "--work-dir", str(tmp_path / "work")]
     result, _ = run_json("resident.py", options, tiny_model_dir, tmp_path)
 
-    assert result["runs_completed"] == result["runs"] == 6  # warm-up, 3 at once, single, sweep
+    # warm-up, one alone, 3 at once, single, sweep
+    assert result["runs_completed"] == result["runs"] == 7
     assert result["model_loads"] == 1
-    assert result["flow_processes"] == 6 and result["flow_processes_with_torch"] == 0
+    assert result["flow_processes"] == 7 and result["flow_processes_with_torch"] == 0
     assert result["calls_at_once"] == 1
     assert len(result["burst_start_to_first_call_s"]) == 3
     assert all(seconds > 0 for seconds in result["burst_start_to_first_call_s"])
