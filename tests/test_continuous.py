@@ -3,15 +3,21 @@ calls, its cache sized from the call, and out-of-memory errors still answered by
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import select
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchProcessor
 
 from vramflow import continuous, models
 from vramflow.config import Settings
+from vramflow.db.models import Attempt, Result
+from vramflow.db.session import session_scope
 from vramflow.engine import CallGroup, Engine, EngineParts, PageJob
 from vramflow.faults import parse_spec
 from vramflow.inference import CallRecord, GenerationSettings, PageInput
@@ -167,8 +173,6 @@ class Recorder:
 
 
 def make_engine(tiny, recorder: Recorder, wanted: bool) -> Engine:
-    from contextlib import contextmanager
-
     @contextmanager
     def slot(loaded):
         yield Hold()
@@ -197,3 +201,32 @@ def test_the_setting_reaches_the_engine():
 
     assert not engine_host.engine_parts(Settings(), "cpu").continuous
     assert engine_host.engine_parts(Settings(continuous_batching=True), "cpu").continuous
+
+
+def test_the_flow_stores_continuous_answers_and_the_oom_it_met_like_static_ones(
+    tmp_path, monkeypatch, prefect_harness, tiny_model_dir
+):
+    from vramflow.flows.process_pdf import process_pdf
+
+    demo = Path(__file__).resolve().parents[1] / "vramflow" / "demo" / "demo.pdf"
+    monkeypatch.setenv("VRAMFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("VRAMFLOW_DATABASE_URL", raising=False)
+    monkeypatch.setenv("VRAMFLOW_CONTINUOUS_BATCHING", "true")
+    monkeypatch.setenv("VRAMFLOW_INJECT_OOM", "above=2")  # room for two pages a call
+    params = {"model": str(tiny_model_dir), "max_new_tokens": 3, "batch_size": 4}
+    state = asyncio.run(process_pdf(str(demo), pages="1-4", **params, return_state=True))
+    assert state.is_completed(), state.message
+
+    with session_scope(f"sqlite:///{tmp_path / 'home' / 'vramflow.db'}") as session:
+        results = session.scalars(select(Result).order_by(Result.page_number)).all()
+        attempts = session.execute(
+            select(Attempt.outcome, Attempt.batch_size, Attempt.device, Attempt.rss_bytes)
+            .join(Result, Attempt.result_id == Result.id)
+            .where(Result.page_number == 1)
+            .order_by(Attempt.id)
+        ).all()
+    assert [(r.status, r.tokens_out, r.attempts) for r in results] == [("ok", 3, 3)] * 4
+    assert all(r.output and r.device == "cpu" and r.tokens_in for r in results)
+    # The continuous call of four, the static call of four, then the static half that fitted.
+    assert [(a.outcome, a.batch_size) for a in attempts] == [("oom", 4), ("oom", 4), ("ok", 2)]
+    assert all(a.device == "cpu" and a.rss_bytes for a in attempts)
