@@ -5,8 +5,9 @@ running batch token by token, without padding (`init_continuous_batching`, confi
 `ContinuousBatchingConfig`, in `transformers/generation/continuous_batching`). Left alone it
 sizes that cache from the device's free memory (0.9 of it on CUDA, 0.6 of the host's on a CPU);
 here the cache holds what the call needs, every page's prompt plus its new tokens, and never
-more than the holder's grant leaves room for, so holders sharing a card stay within their
-grants.
+more tokens than the holder's grant leaves room for, so holders sharing a card stay within their
+grants. (The grant does not count the attention mask of a forward step, MAX_STEP_TOKENS by the
+cached tokens, which sdpa and eager attention need.)
 
 Where transformers cannot run a model this way (its attention layers do not take the paged cache,
 an encoder-decoder, an attention implementation or layer type without a paged form) the engine
