@@ -179,7 +179,7 @@ def run_naive_async(
     return asyncio.run(every_page())
 
 
-def _slot_figures(url: str, started: datetime, finished: datetime) -> dict[str, Any]:
+def slot_figures(url: str, started: datetime, finished: datetime) -> dict[str, Any]:
     """Slot busy fraction of the timed run (every flow run in it, after the warm-up) from the
     slot_holds and attempts rows, and the time it spent before its first slot hold and after its
     last (the fixed cost of a document)."""
@@ -253,7 +253,7 @@ def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dic
     done = _pages_done(url, started_at)
     if done != page_count:
         raise SystemExit(f"{args.variant} finished {done} of {page_count} pages: {summary}")
-    slot = _slot_figures(url, started_at, finished_at)
+    slot = slot_figures(url, started_at, finished_at)
     if slot.get("before_first_hold_seconds") is not None:
         first_hold = started + slot["before_first_hold_seconds"]
         # Page work before the first hold is the first batch's extraction.

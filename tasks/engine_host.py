@@ -64,6 +64,7 @@ def engine_for(settings: Settings) -> Engine:
         own.slot_records_dir,
         own.slot_handoff_seconds,
         own.torch_threads,
+        own.continuous_batching,
     )
     with _lock:
         if key not in _engines:
@@ -132,6 +133,7 @@ def engine_parts(settings: Settings, device: str) -> EngineParts:
         torch_threads=settings.torch_threads,
         should_yield=should_yield,
         token_cap=grants.token_cap,
+        continuous=settings.continuous_batching,
     )
 
 
@@ -210,7 +212,7 @@ class DatabaseRecorder:
         metrics.record_call(record)
         if record.outcome == "ok":
             metrics.pages_finished(ok=len(record.pages), failed=0)
-        elif record.outcome != "oom" or len(record.pages) == 1:  # not split and tried again
+        elif record.final_failure:  # not split or handed on and tried again
             metrics.pages_finished(ok=0, failed=len(record.pages))
         with _writes, session_scope(group.database_url) as session:
             store_call(session, record, {key: key for key in jobs}, hold_id, slot_wait, runs)

@@ -55,7 +55,7 @@ def store_call(
     """Write a call's attempts, and the results it settles: its answers, or a final failure.
 
     `runs` gives each page's flow run. An out-of-memory call over several pages is not final:
-    the batch is split and retried.
+    the batch is split and retried; nor is a call whose pages went on to another call.
     """
     queries.record_attempts(session, attempt_rows(record, result_ids, hold_id, runs))
     timing = {
@@ -82,7 +82,7 @@ def store_call(
                 peak_vram_bytes=record.torch_max_allocated_bytes,
                 **timing,
             )
-    elif record.outcome != "oom" or len(record.pages) == 1:
+    elif record.final_failure:
         for page in record.pages:
             queries.finish_result(
                 session,

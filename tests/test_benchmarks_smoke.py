@@ -153,3 +153,29 @@ def test_resident_gpu_worker_serves_every_run_with_one_model_load(
         len(result["burst_start_to_gpu_worker_s"]) == 3
         and result["alone_start_to_first_call_s"] > 0
     )
+
+
+def test_gpu_check_rehearses_on_the_cpu_and_prints_one_table(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gpu-check.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke"]
+    command += ["--sections", "throughput,sharing,oom,slot", "--json", str(out)]
+    command += ["--model", str(tiny_model_dir), "--model-cache-dir", str(tmp_path / "models")]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    checks = json.loads(out.read_text())["checks"]
+    by_name = {(row["section"], row["name"]): row for row in checks}
+    assert done.stdout.count("| section ") == 1  # one table
+    assert not any(row["result"].startswith("FAIL:") for row in checks)  # no section broke off
+    for section in ("real OOM with ballast", "slot: 3 processes, ballast 0.6 of the card each"):
+        assert by_name[(section, "-")]["result"] == "skipped: no CUDA device"
+    assert by_name[("throughput 3 pages", "continuous batching used by its flow")]["passed"]
+    assert by_name[("throughput 3 pages", "out-of-memory calls, every flow")]["passed"]
+    assert ("throughput 3 pages", "flow / plain loop, continuous") in by_name
+    assert by_name[("two models sharing the card", "pages ok")]["figure"] == "6"
+    assert by_name[("two models sharing the card", "out-of-memory calls")]["passed"]

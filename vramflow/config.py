@@ -76,6 +76,16 @@ class Settings(BaseSettings):
             " plus the new tokens, fits this many tokens (None: `batch_size` pages a call)."
         ),
     )
+    continuous_batching: bool = Field(
+        default=False,
+        description=(
+            "Answer each model call through transformers' continuous batching (a paged KV cache"
+            " sized from the call's pages within the holder's grant; requests join and leave"
+            " the batch token by token, without padding) where transformers runs the model so;"
+            " else, and for a call that fails that way, static batches. Meant for CUDA: on a"
+            " 2-core CPU it was slower than static batches."
+        ),
+    )
     max_input_tokens: int = Field(
         default=1536, ge=16, le=131072, description="Page tokens kept; longer pages are truncated."
     )

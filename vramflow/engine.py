@@ -4,11 +4,11 @@ A process that runs inference (a `vramflow gpu-worker`, or a flow process runnin
 default) has one engine per device and configuration. A request is one batch of pages of one
 document run. Requests wait here; one thread takes the device's slot, brings the model onto the
 device and makes model calls of up to `batch_size` pages (or of pages of similar length within a
-token budget, vramflow.batching), taking pages in arrival order from every waiting request that
-shares the database, model and generation settings, so that pages of different documents share a
-call. The thread keeps the slot, with the weights on the device,
-while pages wait, and gives it back when none do, or when `should_yield` says another process
-wants the device.
+token budget, vramflow.batching), static or, when asked for, through continuous batching
+(vramflow.continuous), taking pages in arrival order from every waiting request that shares the
+database, model and generation settings, so that pages of different documents share a call. The
+thread keeps the slot, with the weights on the device, while pages wait, and gives it back when
+none do, or when `should_yield` says another process wants the device.
 
 Plain Python: the caller provides the slot, the model loader and the recorder (database writes).
 Recorder calls run in order on one writer thread, so the next call generates while the answers
@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vramflow import batching, residency, torch_thread
+from vramflow import batching, continuous, residency, torch_thread
 from vramflow.errors import ModelError, SlotError
 from vramflow.faults import injector_for
 from vramflow.inference import (
@@ -137,6 +137,8 @@ class EngineParts:
     should_yield: Callable[[float], bool] = lambda held_seconds: False
     # The most tokens in flight a call of this model may hold (its grant), or None.
     token_cap: Callable[[Any], int | None] = lambda loaded: None
+    # Answer each call through transformers' continuous batching where it runs the model.
+    continuous: bool = False
 
 
 class Engine:
@@ -220,7 +222,7 @@ class Engine:
         try:
             while (taken := self._take(loaded.spec, cap)) is not None:
                 group, jobs, requests = taken
-                self._call(group, loaded, jobs, requests, hold_id, wait)
+                self._call(group, loaded, jobs, requests, hold_id, wait, cap)
                 pages, wait = pages + len(jobs), 0.0
                 if self.parts.should_yield(time.monotonic() - started):
                     break
@@ -270,6 +272,7 @@ class Engine:
         requests: list[_Request],
         hold_id: str,
         slot_wait: float,
+        cap: int | None = None,
     ) -> None:
         by_key = {job.page.ident: job for job in jobs}
         cfg = GenerationSettings(
@@ -295,8 +298,9 @@ class Engine:
         for request in requests:
             request.slot_wait = max(request.slot_wait, slot_wait)
         self._in_call = requests
+        run = continuous.runner(self.parts.continuous, loaded, self.parts.device, cap)
         with loaded.lock:
-            outcome = run_batch(
+            outcome = (run or run_batch)(
                 loaded,
                 [job.page for job in jobs],
                 cfg,

@@ -61,6 +61,16 @@ class CallRecord:
     before: gpu.MemorySnapshot = field(default_factory=gpu.MemorySnapshot)
     after: gpu.MemorySnapshot = field(default_factory=gpu.MemorySnapshot)
     rss_bytes: int | None = None
+    batching: str = "static"  # static | continuous (vramflow.continuous)
+    retried: bool = False  # its pages went on to another call whatever its outcome
+
+    @property
+    def final_failure(self) -> bool:
+        """Whether this call settles its pages as failed: not when it succeeded, when its pages
+        were handed on, or when it ran out of memory on several pages (they are split)."""
+        if self.outcome == "ok" or self.retried:
+            return False
+        return self.outcome != "oom" or len(self.pages) == 1
 
 
 @dataclass
@@ -135,13 +145,15 @@ class GenerationSettings:
     timeout_s: float
 
 
-def _call(
+def call_model(
     loaded: LoadedModel,
     pages: list[PageInput],
     cfg: GenerationSettings,
     injector: OomInjector | None,
+    generate: Callable[..., list[Generation]] | None = None,
 ) -> CallRecord:
-    """One model call; failures are caught and classified, never raised."""
+    """One model call (`generate`, static `generate_batch` by default, with generate_batch's
+    arguments); failures are caught and classified, never raised."""
     numbers = [p.ident for p in pages]
     gpu.reset_peaks(cfg.device)
     before = gpu.nvml_snapshot(cfg.device)
@@ -152,7 +164,7 @@ def _call(
         if injector:
             injector.check([p.page_number for p in pages])
         outputs = torch_thread.run(
-            generate_batch,
+            generate or generate_batch,
             loaded,
             cfg.prompt,
             [p.text for p in pages],
@@ -213,7 +225,7 @@ def run_batch(
         )
     while queue:
         chunk = queue.pop(0)
-        record = _call(loaded, chunk, cfg, injector)
+        record = call_model(loaded, chunk, cfg, injector)
         on_call(record)
         if limit and record.outcome == "ok":
             limit.fitted(len(chunk))

@@ -211,7 +211,7 @@ class _Deadline(StoppingCriteria):
         )
 
 
-def _build_prompts(loaded: LoadedModel, prompt: str, texts: list[str], max_input_tokens: int):
+def build_prompts(loaded: LoadedModel, prompt: str, texts: list[str], max_input_tokens: int):
     """Chat-templated prompts; page text is cut to fit the input budget and the model context."""
     tok = loaded.tokenizer
     budget = max(16, min(max_input_tokens, loaded.context_tokens - 256))
@@ -241,7 +241,7 @@ def generate_batch(
     timeout_s: float,
 ) -> list[Generation]:
     """Greedy generation for a batch of page texts; the model must already be on `device`."""
-    prompts, truncated = _build_prompts(loaded, prompt, texts, max_input_tokens)
+    prompts, truncated = build_prompts(loaded, prompt, texts, max_input_tokens)
     tok = loaded.tokenizer
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     deadline = _Deadline(timeout_s)
@@ -256,14 +256,21 @@ def generate_batch(
     if deadline.hit:
         raise InferenceTimeoutError(f"generation ran past the {timeout_s:g} s limit")
     new_tokens = out[:, enc["input_ids"].shape[1] :].cpu()
-    results = []
-    for row, attention, was_cut in zip(
-        new_tokens, enc["attention_mask"].cpu(), truncated, strict=True
-    ):
-        ids = [t for t in row.tolist() if t != tok.pad_token_id]
-        text = tok.decode(ids, skip_special_tokens=True).strip()
-        results.append(Generation(text, int(attention.sum()), len(ids), was_cut))
-    return results
+    return [
+        answer(loaded, row.tolist(), int(attention.sum()), was_cut)
+        for row, attention, was_cut in zip(
+            new_tokens, enc["attention_mask"].cpu(), truncated, strict=True
+        )
+    ]
+
+
+def answer(loaded: LoadedModel, new_ids: list[int], tokens_in: int, truncated: bool) -> Generation:
+    """A page's answer from its generated token ids; padding (after the end of a shorter
+    answer in a batch) is neither text nor a generated token."""
+    tok = loaded.tokenizer
+    ids = [t for t in new_ids if t != tok.pad_token_id]
+    text = tok.decode(ids, skip_special_tokens=True).strip()
+    return Generation(text, tokens_in, len(ids), truncated)
 
 
 def use_torch_threads(count: int | None) -> None:
