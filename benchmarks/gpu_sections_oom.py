@@ -99,11 +99,11 @@ def _one_try(loaded: Any, spec: dict[str, Any], settings: Settings, room: int, p
 
     import torch
     from sqlalchemy import select
-    from vramflow.flows.process_pdf import process_pdf
 
     from vramflow import gpu, models
     from vramflow.db.models import Attempt
     from vramflow.db.session import session_scope
+    from vramflow.flows.process_pdf import process_pdf
 
     device = spec["device"]
     models.move_model(loaded, "cpu")  # the flow leaves the weights where it found them

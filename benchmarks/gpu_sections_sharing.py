@@ -176,10 +176,10 @@ def child(spec: dict[str, Any]) -> None:
     import os
 
     import torch
-    from vramflow.flows.process_pdf import process_pdf
-    from vramflow.tasks.engine_host import Grants
 
     from vramflow import models
+    from vramflow.flows.process_pdf import process_pdf
+    from vramflow.tasks.engine_host import Grants
 
     settings, device = Settings(), spec["device"]
     loaded = models.load_model(

@@ -132,10 +132,9 @@ def _wait_until_loaded(children: list[Child], timeout: float = 600) -> None:
 
 def child(spec: dict[str, Any]) -> None:
     """One process: for each batch of 2 pages take ballast and weights, generate, give back."""
-    from vramflow.tasks.gpu_slot import gpu_slot
-
     from vramflow import gpu, models
     from vramflow.inference import GenerationSettings, PageInput
+    from vramflow.tasks.gpu_slot import gpu_slot
 
     settings, device = Settings(), spec["device"]
     dtype = models.resolve_dtype(settings.dtype, device)

@@ -74,9 +74,8 @@ class Recorder:
 
 def instrument(recorder: Recorder) -> None:
     """Wrap what a batch goes through; the flow and its tasks look these up at call time."""
-    from vramflow.tasks import engine_host, gpu_slot, infer
-
     from vramflow import inference, pdf
+    from vramflow.tasks import engine_host, gpu_slot, infer
 
     recorder.wrap(inference, "generate_batch", "generate")
     recorder.wrap(pdf, "extract_page", "extract")

@@ -224,11 +224,10 @@ def _log_retries() -> None:
 def run_flow(args: argparse.Namespace, meter: CallMeter, page_count: int) -> dict[str, Any]:
     """Warm up on a one-page document, then time the flow (`process_pdf` over the benchmark
     document, or `sweep_inbox` over the folder of documents)."""
-    from vramflow.flows.process_pdf import process_pdf
-    from vramflow.flows.sweep_inbox import sweep_inbox
-
     from vramflow import pdf
     from vramflow.config import Settings
+    from vramflow.flows.process_pdf import process_pdf
+    from vramflow.flows.sweep_inbox import sweep_inbox
 
     common = {
         "model": args.model,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
+
 from vramflow.flows.process_pdf import process_pdf
 from vramflow.flows.retry_failed import retry_failed
 from vramflow.flows.sweep_inbox import sweep_inbox

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
+
 from vramflow.flows.process_pdf import process_pdf
 from vramflow.tasks.outcomes import Outcome, failed_outcome, outcome_of_run
 

@@ -24,12 +24,6 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
-from vramflow.tasks.dispatch import BatchRun, start_batch
-from vramflow.tasks.documents import open_document
-from vramflow.tasks.extract import extract_page
-from vramflow.tasks.infer import infer_batch
-from vramflow.tasks.report import ProgressReport, publish_summary
-from vramflow.tasks.run_report import publish_run_report
 
 from vramflow.config import Settings, resolve_settings
 from vramflow.db import queries
@@ -37,6 +31,12 @@ from vramflow.db.session import session_scope
 from vramflow.errors import ConfigError, DocumentError
 from vramflow.extraction_budget import ExtractionBudget
 from vramflow.runs import check_page_range, key_parts, parse_page_range, validate_prompt
+from vramflow.tasks.dispatch import BatchRun, start_batch
+from vramflow.tasks.documents import open_document
+from vramflow.tasks.extract import extract_page
+from vramflow.tasks.infer import infer_batch
+from vramflow.tasks.report import ProgressReport, publish_summary
+from vramflow.tasks.run_report import publish_run_report
 
 # Batches in flight per document, counting the one being answered. Two keep the device busy
 # when extracting a batch takes less time than inferring one; the third is slack for pages

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+
 from vramflow.flows.many_documents import DocumentJob, process_documents
 from vramflow.flows.process_pdf import build_settings
 from vramflow.tasks.outcomes import Outcome, publish_outcomes

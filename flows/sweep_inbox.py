@@ -7,12 +7,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+
 from vramflow.flows.many_documents import DocumentJob, process_documents
 from vramflow.flows.process_pdf import build_settings
+from vramflow.runs import validate_prompt
 from vramflow.tasks.inbox import scan_inbox
 from vramflow.tasks.outcomes import Outcome, publish_outcomes
-
-from vramflow.runs import validate_prompt
 
 
 def _run_name() -> str:

@@ -12,15 +12,14 @@ import socket
 import threading
 from typing import Any
 
-from vramflow.tasks.gpu_slot import gpu_slot
-from vramflow.tasks.recording import store_call
-
 from vramflow import admission, gpu, metrics, models, slot_records, torch_thread
 from vramflow.config import Settings
 from vramflow.db import queries
 from vramflow.db.session import session_scope
 from vramflow.engine import CallGroup, Engine, EngineParts, PageJob
 from vramflow.inference import CallRecord
+from vramflow.tasks.gpu_slot import gpu_slot
+from vramflow.tasks.recording import store_call
 
 _engines: dict[tuple[Any, ...], Engine] = {}
 # Held for good by `stop_writes` once `vramflow run` is interrupted: the answers counted for the
@@ -65,6 +64,9 @@ def engine_for(settings: Settings) -> Engine:
         own.slot_handoff_seconds,
         own.torch_threads,
         own.continuous_batching,
+        own.admission,
+        own.device_memory_mib,
+        own.memory_margin_mib,
     )
     with _lock:
         if key not in _engines:

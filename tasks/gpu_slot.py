@@ -45,11 +45,11 @@ from prefect.client.schemas.responses import (
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
-from vramflow.tasks.lease_keeper import LeaseKeeper
-from vramflow.tasks.prefect_private import send_once
 
 from vramflow import slot_records
 from vramflow.errors import ConfigError, SlotError
+from vramflow.tasks.lease_keeper import LeaseKeeper
+from vramflow.tasks.prefect_private import send_once
 
 logger = logging.getLogger(__name__)
 

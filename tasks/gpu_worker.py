@@ -18,9 +18,6 @@ from contextlib import contextmanager
 
 from prefect.settings import get_current_settings
 from prefect.task_worker import serve
-from vramflow.tasks import engine_host
-from vramflow.tasks.gpu_slot import ensure_slot_limit
-from vramflow.tasks.infer import infer_batch
 
 from vramflow import gpu, metrics, models, torch_thread
 from vramflow.config import Settings
@@ -28,6 +25,9 @@ from vramflow.db import workers
 from vramflow.db.schema import ensure_schema
 from vramflow.db.session import session_scope
 from vramflow.errors import ConfigError
+from vramflow.tasks import engine_host
+from vramflow.tasks.gpu_slot import ensure_slot_limit
+from vramflow.tasks.infer import infer_batch
 
 log = logging.getLogger(__name__)
 

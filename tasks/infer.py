@@ -98,10 +98,9 @@ def infer_batch(
 ) -> dict[str, int]:
     """Generate answers for `pages` of document `document_id` with the model, prompt and
     generation settings of `settings`; stores them, and returns the counts ok and failed."""
-    from vramflow.tasks import engine_host  # torch, on first use
-
     from vramflow.engine import PageJob
     from vramflow.inference import PageInput
+    from vramflow.tasks import engine_host  # torch, on first use
 
     logger, run_id = get_run_logger(), flow_run.id
     with _claims:

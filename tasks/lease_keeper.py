@@ -20,9 +20,9 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import get_client
-from vramflow.tasks.prefect_private import CancelScope, cancel_scope
 
 from vramflow.errors import SlotError
+from vramflow.tasks.prefect_private import CancelScope, cancel_scope
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from vramflow.tasks.outcomes import Outcome
 
 from vramflow.config import Settings
 from vramflow.db import maintenance
@@ -19,6 +18,7 @@ from vramflow.db.maintenance import RetryJob, RetryRow
 from vramflow.db.schema import ensure_schema
 from vramflow.db.session import session_scope
 from vramflow.runs import key_parts
+from vramflow.tasks.outcomes import Outcome
 
 _API_PAGE = 200
 

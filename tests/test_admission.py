@@ -32,10 +32,9 @@ def two_models(tiny_model_dir, tmp_path_factory) -> list[Path]:
 
 def needs(models: list[Path], env: dict[str, str]) -> list[int]:
     """Each model's grant in MiB, as the engine computes it under `env`."""
-    from vramflow.tasks.engine_host import Grants
-
     from vramflow import models as loading
     from vramflow.config import Settings
+    from vramflow.tasks.engine_host import Grants
 
     settings = Settings(**{k[9:].lower(): v for k, v in env.items() if k.startswith("VRAMFLOW_")})
     grants = Grants(settings, "cpu")
@@ -112,3 +111,16 @@ def test_models_whose_grants_fit_hold_the_device_side_by_side_and_others_take_tu
         assert {h["occupied"] for h in holds} == {small, big}
         assert sum(h["pages"] for h in holds) == 2 * PAGES
         assert overlapping(holds) == side_by_side, holds
+
+
+def test_a_process_has_one_engine_per_admission_setting():
+    """An engine built for one-holder admission must not serve settings asking for memory
+    admission (or another device size): each gets its own."""
+    from vramflow.config import Settings
+    from vramflow.tasks.engine_host import engine_for
+
+    holders = Settings(device="cpu", admission="holders")
+    memory = Settings(device="cpu", admission="memory", device_memory_mib=4096)
+    smaller = Settings(device="cpu", admission="memory", device_memory_mib=2048)
+    assert engine_for(holders) is engine_for(Settings(device="cpu", admission="holders"))
+    assert len({id(engine_for(s)) for s in (holders, memory, smaller)}) == 3

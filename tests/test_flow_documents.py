@@ -26,6 +26,7 @@ def test_process_documents_runs_at_most_documents_at_once_together(
 
     from prefect import flow
     from prefect.states import Completed
+
     from vramflow.flows import many_documents
 
     lock, running, most = threading.Lock(), [0], [0]
@@ -54,9 +55,8 @@ def test_process_documents_runs_at_most_documents_at_once_together(
 def test_sweep_runs_documents_side_by_side_and_the_model_one_batch_at_a_time(
     env, tiny_model_dir, tmp_path
 ):
-    from vramflow.flows.sweep_inbox import sweep_inbox
-
     from vramflow.demo.pdfgen import write_text_pdf
+    from vramflow.flows.sweep_inbox import sweep_inbox
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

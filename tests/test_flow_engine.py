@@ -74,10 +74,9 @@ def test_every_torch_call_of_the_flow_runs_on_one_thread(env, tiny_model_dir, mo
 def test_the_next_batch_waits_in_the_engine_while_one_generates(env, tiny_model_dir, monkeypatch):
     """The engine keeps the slot only while pages wait: each of the first three calls of four
     pages one by one must find the next page queued, and the slot is taken from the server once."""
+    from vramflow import inference
     from vramflow.tasks import engine_host
     from vramflow.tasks import gpu_slot as gpu_slot_module
-
-    from vramflow import inference
 
     generate, acquire = inference.generate_batch, gpu_slot_module._acquire
     in_line_seen, from_server = [], []
@@ -108,9 +107,8 @@ def test_the_next_batch_waits_in_the_engine_while_one_generates(env, tiny_model_
 def test_the_slot_passes_on_while_the_answers_are_stored(env, tiny_model_dir, monkeypatch):
     """A holder that wrote its answers itself kept the slot for that commit, 3-5 ms of every
     hand-off. The first batch's answers are held back here until the second batch generates."""
-    from vramflow.tasks import engine_host
-
     from vramflow import inference
+    from vramflow.tasks import engine_host
 
     generate, store = inference.generate_batch, engine_host.store_call
     second_generates, stored_after_it = threading.Event(), []

@@ -20,9 +20,8 @@ env = flow_runs.env  # a fresh vramflow home per test
 def test_pages_are_extracted_a_few_batches_ahead_of_the_model(env, tiny_model_dir, monkeypatch):
     """A document keeps BATCHES_IN_FLIGHT batches submitted, not every page from the start:
     at batch size 1, page 4 is extracted only after one model call is over."""
-    from vramflow.flows.process_pdf import BATCHES_IN_FLIGHT
-
     from vramflow import engine, pdf
+    from vramflow.flows.process_pdf import BATCHES_IN_FLIGHT
 
     extracted, inferred = {}, {}
     extract, model_call = pdf.extract_page, engine.run_batch

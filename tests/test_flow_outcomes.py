@@ -184,6 +184,7 @@ def test_a_password_is_stored_nowhere(env, tiny_model_dir, tmp_path):
 
 def test_the_sweep_still_counts_a_partial_document_as_processed():
     from prefect.states import Failed
+
     from vramflow.tasks.outcomes import outcome_of_run
 
     partial = {"status": "partial", "pages_ok": 5, "pages_failed": 1}

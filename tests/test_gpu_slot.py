@@ -32,7 +32,6 @@ from prefect.concurrency._sync import (
 )
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
-from vramflow.tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
 
 from tests.support.servers import (
     REPO_ROOT,
@@ -45,6 +44,7 @@ from tests.support.servers import (
 from tests.support.slots import in_threads, read_limit, unique_name, wait_until
 from vramflow import slot_records
 from vramflow.errors import SlotError
+from vramflow.tasks.gpu_slot import SlotHold, ensure_slot_limit, gpu_slot
 
 WORKER = REPO_ROOT / "tests" / "support" / "slot_worker.py"
 START_TIMEOUT_S = 120  # a subprocess importing Prefect (and maybe starting a server) on 2 cores

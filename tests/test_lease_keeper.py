@@ -13,12 +13,12 @@ from prefect.concurrency._sync import (
     acquire_concurrency_slots_with_lease,
     release_concurrency_slots_with_lease,
 )
+
+from tests.support.slots import read_limit, unique_name, wait_until
 from vramflow.tasks import lease_keeper
 from vramflow.tasks.gpu_slot import ensure_slot_limit, gpu_slot
 from vramflow.tasks.lease_keeper import LeaseKeeper, LeaseLost
 from vramflow.tasks.prefect_private import CancelledError
-
-from tests.support.slots import read_limit, unique_name, wait_until
 
 QUICK = 0.05  # seconds between renewals in these tests (in use: 45 s of a 60 s lease)
 

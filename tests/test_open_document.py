@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from prefect.logging import disable_run_logger
 from sqlalchemy import func, select
-from vramflow.tasks.documents import open_document
 
 from vramflow.config import Settings
 from vramflow.db.models import Document
 from vramflow.db.session import session_scope
 from vramflow.errors import DocumentError, LimitExceededError
+from vramflow.tasks.documents import open_document
 
 DEMO = Path(__file__).resolve().parents[1] / "vramflow" / "demo" / "demo.pdf"
 

@@ -157,9 +157,8 @@ def test_plot_without_runs_is_one_clear_line(tmp_path):
     ],
 )
 def test_slot_names_the_template_makes_are_the_ones_status_finds(template, device, host):
-    from vramflow.tasks.slot_status import name_pattern
-
     from vramflow.gpu import slot_name
+    from vramflow.tasks.slot_status import name_pattern
 
     pattern = name_pattern(template)
     assert pattern.fullmatch(slot_name(template, device, host))

@@ -13,10 +13,10 @@ import time
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from vramflow.tasks import prefect_private
-from vramflow.tasks.gpu_slot import ensure_slot_limit
 
 from tests.support.slots import read_limit, unique_name
+from vramflow.tasks import prefect_private
+from vramflow.tasks.gpu_slot import ensure_slot_limit
 
 INCREMENT = "/v2/concurrency_limits/increment-with-lease"
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from vramflow.tasks.gpu_slot import ensure_slot_limit, gpu_slot
 
 from tests.support.slots import in_threads, read_limit, unique_name
 from vramflow import slot_records
 from vramflow.errors import SlotError
+from vramflow.tasks.gpu_slot import ensure_slot_limit, gpu_slot
 
 
 @pytest.fixture

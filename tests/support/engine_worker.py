@@ -48,11 +48,10 @@ def main() -> None:
     parser.add_argument("--go", type=Path, required=True)
     args = parser.parse_args()
 
-    from vramflow.tasks import engine_host
-
     from vramflow.config import Settings
     from vramflow.engine import Engine, PageJob
     from vramflow.inference import PageInput
+    from vramflow.tasks import engine_host
 
     settings = Settings(model=args.model)
     parts = engine_host.engine_parts(settings, "cpu")

@@ -30,6 +30,7 @@ def run_state(model_dir: Path | None, task_workers: int | None = None, **params)
     """The flow's final state over the demo PDF; `task_workers=1` runs its tasks one at a time,
     in order. `model_dir` None leaves the model to VRAMFLOW_MODEL."""
     from prefect.task_runners import ThreadPoolTaskRunner
+
     from vramflow.flows.process_pdf import process_pdf
 
     flow = process_pdf

@@ -77,6 +77,7 @@ def slot(name: str, records: Path, plain: bool = False):
     import contextlib
 
     from prefect.concurrency.sync import concurrency
+
     from vramflow.tasks.gpu_slot import gpu_slot
 
     if plain:
