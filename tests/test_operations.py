@@ -206,9 +206,10 @@ def test_prefect_yaml_and_served_deployments_agree():
     assert set(declared) == set(served) == {"process-pdf", "sweep-inbox", "retry-failed"}
     for name, spec in declared.items():
         runner = served[name]
-        module, function = runner.entrypoint.rsplit(".", 1)
-        # By module, not file: GPU workers unpickle the flow of a batch's run context by name.
-        assert spec["entrypoint"] == f"{module}:{function}"
+        # By module, not file: GPU workers unpickle the flow of a batch's run context by name,
+        # and workers import it from the installed package.
+        assert spec["entrypoint"] == runner.entrypoint
+        assert runner.entrypoint.startswith("vramflow.flows.")
         assert spec["work_pool"]["name"] == "vramflow-gpu"
         schedules = [
             (s.schedule.cron, s.schedule.timezone, s.active, s.slug) for s in runner.schedules or []
