@@ -34,19 +34,17 @@ def page_texts(pdf: Path) -> list[str]:
 
 
 def prompt_lengths(loaded: models.LoadedModel, texts: list[str], max_input: int) -> list[int]:
-    """Each page's prompt in tokens, as generate_batch builds it."""
-    prompts, _ = models.build_prompts(loaded, DEFAULT_PROMPT, texts, max_input)
-    return [len(loaded.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    """Each page's prompt in tokens, as the engine counts it."""
+    return [models.prompt_tokens(loaded, text, DEFAULT_PROMPT, max_input) for text in texts]
 
 
-def token_groups(texts: list[str], args: argparse.Namespace) -> list[list[int]]:
+def token_groups(lengths: list[int], args: argparse.Namespace) -> list[list[int]]:
     """The engine's calls over these pages, all waiting at once, under flow_tokens' budget."""
-    estimates = [batching.estimate_tokens(t, DEFAULT_PROMPT, args.max_input_tokens) for t in texts]
-    median = sorted(estimates)[len(estimates) // 2]
+    median = sorted(lengths)[len(lengths) // 2]
     budget = batching.padded_cost([median] * args.batch_size, args.max_new_tokens)
-    waiting, groups = list(range(len(texts))), []
+    waiting, groups = list(range(len(lengths))), []
     while waiting:
-        picked = batching.by_tokens([estimates[i] for i in waiting], budget, args.max_new_tokens)
+        picked = batching.by_tokens([lengths[i] for i in waiting], budget, args.max_new_tokens)
         groups.append([waiting[i] for i in picked])
         waiting = [page for i, page in enumerate(waiting) if i not in set(picked)]
     return groups
@@ -57,7 +55,7 @@ def groupings(texts: list[str], lengths: list[int], args) -> dict[str, list[list
     by_length = sorted(order, key=lambda i: lengths[i])
     return {
         f"static {size}, page order": [order[i : i + size] for i in range(0, len(order), size)],
-        "token budget (engine)": token_groups(texts, args),
+        "token budget (engine)": token_groups(lengths, args),
         f"static {size}, sorted by length": [
             by_length[i : i + size] for i in range(0, len(by_length), size)
         ],

@@ -179,19 +179,25 @@ def phase_overhead_ms_per_page(figures: dict[str, Any]) -> float | None:
     return 1000 * (phase - figures["phase_work_seconds"]) / figures["pages"]
 
 
-def page_tokens(pdf: Path, max_input_tokens: int) -> list[int]:
-    """Each page's prompt length as the engine estimates it (vramflow.batching)."""
+def page_tokens(args: argparse.Namespace) -> list[int]:
+    """Each page's prompt length in tokens, counted by the model's tokenizer as the engine
+    counts them (vramflow.models.prompt_tokens)."""
     from pypdf import PdfReader
 
-    texts = [page.extract_text() or "" for page in PdfReader(pdf).pages]
-    return [batching.estimate_tokens(text, DEFAULT_PROMPT, max_input_tokens) for text in texts]
+    from vramflow import models
+
+    loaded = models.load_model(args.model, args.model_cache_dir)
+    texts = [page.extract_text() or "" for page in PdfReader(args.pdf).pages]
+    return [
+        models.prompt_tokens(loaded, text, DEFAULT_PROMPT, args.max_input_tokens) for text in texts
+    ]
 
 
 def default_budget(args: argparse.Namespace, batch_size: int) -> int:
     """flow_tokens' budget when none is given: what a call of the best static batch size holds
     at the set's median page, so that calls cost about what flow_best's would on pages alike,
     and short pages go many to a call while long ones go few."""
-    lengths = sorted(page_tokens(args.pdf, args.max_input_tokens))
+    lengths = sorted(page_tokens(args))
     return batching.padded_cost([lengths[len(lengths) // 2]] * batch_size, args.max_new_tokens)
 
 

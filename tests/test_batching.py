@@ -33,3 +33,38 @@ def test_estimates_follow_text_length_and_truncation():
     prompt = "Summarise this page."
     short, long = (estimate_tokens("word " * n, prompt, 1536) for n in (10, 10_000))
     assert short < 100 < 1536 < long <= 1536 + 64
+
+
+def test_prompt_lengths_counts_each_page_once_with_the_counter_and_forgets_taken_pages():
+    from types import SimpleNamespace
+
+    from vramflow.batching import PromptLengths, estimate_tokens
+
+    group = SimpleNamespace(prompt="Summarise.", max_input_tokens=1536)
+    form = SimpleNamespace(ident=1, text="1a 2b 3c 4d " * 50)  # about 2-3 bytes a token
+    counted: list[str] = []
+
+    def count(loaded, text, prompt, max_input_tokens):
+        counted.append(text)
+        return 999
+
+    lengths = PromptLengths()
+    assert lengths.of(None, group, form, count) == lengths.of(None, group, form, count) == 999
+    assert len(counted) == 1
+    lengths.forget(group, form)
+    assert lengths.of(None, group, form) == estimate_tokens(form.text, group.prompt, 1536) != 999
+
+
+def test_the_engine_counts_prompts_with_the_tokenizer_where_an_estimate_falls_short(
+    tiny_model_dir,
+):
+    """Form-like text runs at under 4 bytes a token: the tokenizer's count is the real one."""
+    from vramflow import models
+    from vramflow.batching import estimate_tokens
+
+    loaded = models.load_model(str(tiny_model_dir), tiny_model_dir.parent)
+    text = "Line 7a. 1,234.56 | 12 | 0.00 | X " * 40
+    counted = models.prompt_tokens(loaded, text, "Summarise.", 1536)
+    [built], _ = models.build_prompts(loaded, "Summarise.", [text], 1536)
+    assert counted == len(loaded.tokenizer(built, add_special_tokens=False)["input_ids"])
+    assert counted > estimate_tokens(text, "Summarise.", 1536)

@@ -9,7 +9,8 @@ it costs rather than by how many pages it carries.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Bytes of page text per token, to estimate a prompt's length without the tokenizer (English
 # prose with a BPE tokenizer runs at about four; an underestimate only makes calls a little
@@ -25,6 +26,33 @@ def estimate_tokens(text: str, prompt: str, max_input_tokens: int) -> int:
     """A page's prompt length in tokens, as generation will see it (after truncation)."""
     page = min(max_input_tokens, -(-len(text.encode()) // BYTES_PER_TOKEN))
     return page + -(-len(prompt.encode()) // BYTES_PER_TOKEN) + TEMPLATE_TOKENS
+
+
+class PromptLengths:
+    """Prompt lengths of waiting pages, counted once per page and call group: by the model's
+    tokenizer where there is one (form pages run at under 3 bytes a token, so an estimate from
+    bytes lets their calls run past the budget), else estimated (`estimate_tokens`)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[Any, ...], int] = {}
+
+    def of(
+        self, loaded: Any, group: Any, page: Any, count: Callable[..., int] | None = None
+    ) -> int:
+        """`page`'s prompt length in `group` (its prompt and max_input_tokens); `count(loaded,
+        text, prompt, max_input_tokens)` counts it, else it is estimated."""
+        key = (page.ident, group.prompt, group.max_input_tokens)
+        if key not in self._counts:
+            if count is None:
+                length = estimate_tokens(page.text, group.prompt, group.max_input_tokens)
+            else:
+                length = count(loaded, page.text, group.prompt, group.max_input_tokens)
+            self._counts[key] = length
+        return self._counts[key]
+
+    def forget(self, group: Any, page: Any) -> None:
+        """Drop a page's count once it is taken (an engine runs for days)."""
+        self._counts.pop((page.ident, group.prompt, group.max_input_tokens), None)
 
 
 def padded_cost(lengths: Sequence[int], max_new_tokens: int) -> int:

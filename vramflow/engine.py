@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vramflow import batching, continuous, residency, torch_thread
+from vramflow import batching, continuous, models, residency, torch_thread
 from vramflow.errors import ModelError, SlotError
 from vramflow.faults import injector_for
 from vramflow.inference import (
@@ -151,6 +151,7 @@ class Engine:
         self._changed = threading.Condition()
         self._load_failures: dict[str, tuple[str, float]] = {}
         self._in_call: list[_Request] = []  # requests with pages in the call being made
+        self._lengths = batching.PromptLengths()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vramflow-writes")
         self._thread = threading.Thread(target=self._run, name="vramflow-engine", daemon=True)
         self._thread.start()
@@ -220,7 +221,7 @@ class Engine:
         move_in = torch_thread.run(residency.bring_in, loaded, device, self.parts.torch_threads)
         move_out, pages, wait = 0.0, 0, hold.wait_seconds
         try:
-            while (taken := self._take(loaded.spec, cap)) is not None:
+            while (taken := self._take(loaded, cap)) is not None:
                 group, jobs, requests = taken
                 self._call(group, loaded, jobs, requests, hold_id, wait, cap)
                 pages, wait = pages + len(jobs), 0.0
@@ -231,14 +232,14 @@ class Engine:
         return move_in, move_out, pages
 
     def _take(
-        self, model: str, cap: int | None = None
+        self, loaded: Any, cap: int | None = None
     ) -> tuple[CallGroup, list[PageJob], list[_Request]] | None:
-        """The next call's pages, if the oldest waiting request is for `model`: of its group,
-        chosen by count or by its token budget (vramflow.batching), oldest first, within `cap`
-        tokens in flight."""
+        """The next call's pages, if the oldest waiting request is for `loaded`'s model: of its
+        group, chosen by count or by its token budget (vramflow.batching), oldest first, within
+        `cap` tokens in flight."""
         with self._changed:
             waiting = [r for r in self._requests if r.pending]
-            if not waiting or waiting[0].group.model != model:
+            if not waiting or waiting[0].group.model != loaded.spec:
                 return None
             first = waiting[0]
             group = first.group
@@ -249,14 +250,13 @@ class Engine:
             if budget is None:
                 picked = batching.by_count(len(queued), first.batch_size)
             else:
-                lengths = [
-                    batching.estimate_tokens(job.page.text, group.prompt, group.max_input_tokens)
-                    for _, job in queued
-                ]
+                count = models.prompt_tokens if hasattr(loaded, "tokenizer") else None
+                lengths = [self._lengths.of(loaded, group, job.page, count) for _, job in queued]
                 limit = batching.MAX_PAGES_PER_CALL if first.token_budget else first.batch_size
                 picked = batching.by_tokens(lengths, budget, group.max_new_tokens, limit)
             jobs, requests, now = [], [], time.monotonic()
             for request, job in (queued[i] for i in picked):
+                self._lengths.forget(group, job.page)
                 request.pending.remove(job)
                 jobs.append(job)
                 if request not in requests:

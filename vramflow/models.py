@@ -230,6 +230,12 @@ def build_prompts(loaded: LoadedModel, prompt: str, texts: list[str], max_input_
     return prompts, truncated
 
 
+def prompt_tokens(loaded: LoadedModel, text: str, prompt: str, max_input_tokens: int) -> int:
+    """A page's prompt length in tokens, as generate_batch builds and tokenizes it."""
+    [built], _ = build_prompts(loaded, prompt, [text], max_input_tokens)
+    return len(loaded.tokenizer(built, add_special_tokens=False)["input_ids"])
+
+
 def generate_batch(
     loaded: LoadedModel,
     prompt: str,
