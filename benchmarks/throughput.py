@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from pages import build_mixed_page_set, build_page_set  # noqa: E402
-from throughput_report import report  # noqa: E402
+from throughput_report import report, tokens_line  # noqa: E402
 
 # gpu_check.py imports `say` and `work_folder` from here.
 from variant_runs import (  # noqa: E402
@@ -117,8 +117,11 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
             work,
             "flow_tokens",
             args,
-            [*server, "--batch-size", str(max(batch_sizes(args.batch_sizes)))],
-            {"VRAMFLOW_MAX_BATCH_TOKENS": str(budget)},
+            [
+                *server,
+                *("--batch-size", str(max(batch_sizes(args.batch_sizes)))),
+                *("--max-batch-tokens", str(budget)),
+            ],
         )
     again = run_variant("sequential", work, "sequential_again", args, [])
     sequential = mean_of_runs(first, again)
@@ -212,6 +215,7 @@ def main(argv: list[str]) -> None:
         rows, context = measure(args, Path(folder))
     if args.json:
         say(f"device: {context['device']}; database: {context['database']}")
+        say(tokens_line(context))
         print(json.dumps(rows, indent=2))
     else:
         print(report(args, rows, context))

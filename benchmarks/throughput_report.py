@@ -39,6 +39,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tokens_line(context: dict[str, Any]) -> str:
+    """flow_tokens' budget, and the model calls it made against flow_best's."""
+    return "flow_tokens: budget {} tokens ({}); model calls: flow_best {}, flow_tokens {}".format(
+        *context["token_budget"], *context["model_calls"].values()
+    )
+
+
 def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     candidates = ", ".join(
         f"batch {size}: {rate:.3f} pages/s, slot busy {fmt(busy, '.2f')}"
@@ -59,9 +66,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
             "sequential: {:.3f} pages/s before the other variants, {:.3f} after them; the "
             "row and every ratio use their mean".format(*context["sequential_runs"]),
             f"flow candidates: {candidates}",
-            "flow_tokens: budget {} tokens ({}); model calls: flow_best {}, flow_tokens {}".format(
-                *context["token_budget"], *context["model_calls"].values()
-            ),
+            tokens_line(context),
             "fixed cost of the document (s before the first slot hold, of which extracting "
             "the first batch / after the last): "
             + ", ".join(

@@ -55,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-input-tokens", type=int, default=1536)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="flow: VRAMFLOW_MAX_BATCH_TOKENS"
+    )
     parser.add_argument("--documents-at-once", type=int, default=1, help="sweep only")
     parser.add_argument("--torch-threads", type=int, default=None)
     parser.add_argument(
@@ -107,6 +110,8 @@ def _isolate(args: argparse.Namespace) -> None:
     own_state(
         os.environ, args.home / "vramflow", VRAMFLOW_MAX_INPUT_TOKENS=str(args.max_input_tokens)
     )
+    if args.max_batch_tokens:  # given as an option: own_state drops the caller's VRAMFLOW_*
+        os.environ["VRAMFLOW_MAX_BATCH_TOKENS"] = str(args.max_batch_tokens)
     os.environ["PREFECT_HOME"] = str(args.home / "prefect")
     # The flow variants measure the engine in the flow's own process, also on a server of their
     # own; benchmarks/resident.py measures GPU workers.

@@ -42,7 +42,10 @@ def run_json(
 
 
 def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # A budget of 64 tokens, less than any page: flow_tokens' engine must make a call per page
+    # (3) where flow_best makes 2 calls of up to 2 pages, so the budget reached its process.
     options = ["--pages", "3", "--max-new-tokens", "2", "--batch-sizes", "2"]
+    options += ["--max-batch-tokens", "64"]
     # A caller's own database (and other settings) once reached every variant: the second
     # found every page done and the run failed.
     shared = tmp_path / "callers.db"
@@ -75,6 +78,7 @@ def test_throughput_json_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     for name in ("flow_batch1", "flow_best", "flow_tokens"):
         assert 0 < by_name[name]["slot_busy_fraction"] <= 1
     assert "device:" in stderr and "database:" in stderr and str(shared) not in stderr
+    assert "model calls: flow_best 2, flow_tokens 3" in stderr
 
 
 def test_mixed_page_set_mixes_real_and_generated_pages_of_very_different_lengths(
