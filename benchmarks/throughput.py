@@ -112,17 +112,7 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
         ]
         best = max(candidates, key=lambda figures: figures["pages"] / figures["wall_seconds"])
         budget = args.max_batch_tokens or default_budget(args, best["batch_size"])
-        tokens = run_variant(
-            "flow",
-            work,
-            "flow_tokens",
-            args,
-            [
-                *server,
-                *("--batch-size", str(max(batch_sizes(args.batch_sizes)))),
-                *("--max-batch-tokens", str(budget)),
-            ],
-        )
+        tokens = run_flow_tokens(args, work, server, budget)
     again = run_variant("sequential", work, "sequential_again", args, [])
     sequential = mean_of_runs(first, again)
     base = sequential["pages"] / sequential["wall_seconds"]
@@ -160,6 +150,14 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]],
         },
     }
     return rows, context
+
+
+def run_flow_tokens(args: argparse.Namespace, work: Path, server: list[str], budget: int):
+    """The flow under token budget `budget`, with requests of the largest candidate's pages (so
+    that the engine has the pages of three requests to choose from)."""
+    size = str(max(batch_sizes(args.batch_sizes)))
+    options = [*server, "--batch-size", size, "--max-batch-tokens", str(budget)]
+    return run_variant("flow", work, "flow_tokens", args, options)
 
 
 def flow_runs(
