@@ -41,7 +41,7 @@ class PromptLengths:
     ) -> int:
         """`page`'s prompt length in `group` (its prompt and max_input_tokens); `count(loaded,
         text, prompt, max_input_tokens)` counts it, else it is estimated."""
-        key = (page.ident, group.prompt, group.max_input_tokens)
+        key = self._key(group, page)
         if key not in self._counts:
             if count is None:
                 length = estimate_tokens(page.text, group.prompt, group.max_input_tokens)
@@ -52,7 +52,11 @@ class PromptLengths:
 
     def forget(self, group: Any, page: Any) -> None:
         """Drop a page's count once it is taken (an engine runs for days)."""
-        self._counts.pop((page.ident, group.prompt, group.max_input_tokens), None)
+        self._counts.pop(self._key(group, page), None)
+
+    @staticmethod
+    def _key(group: Any, page: Any) -> tuple[Any, ...]:
+        return (page.ident, group.prompt, group.max_input_tokens)
 
 
 def padded_cost(lengths: Sequence[int], max_new_tokens: int) -> int:
