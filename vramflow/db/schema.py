@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy.exc import DBAPIError
-
-from vramflow.db.migrate import upgrade
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
+
+# The newest script in migrations/versions (tests/test_db.py checks it against alembic's head).
+# A database already there needs no alembic: every flow-run process asks, and importing alembic
+# (with mako and pygments) plus taking the migration lock costs each one about 0.3 s.
+HEAD_REVISION = "bb3b753d0494"
 
 _ready: set[str] = set()
 _lock = threading.Lock()
@@ -23,6 +28,11 @@ def ensure_schema(url: str) -> None:
     with _lock:
         if url in _ready:
             return
+        if at_head(url):
+            _ready.add(url)
+            return
+        from vramflow.db.migrate import upgrade  # alembic: only when there is work to do
+
         try:
             upgrade(url)
         except DBAPIError as exc:
@@ -31,3 +41,17 @@ def ensure_schema(url: str) -> None:
             log.info("another process was upgrading the database; trying again: %s", exc.orig)
             upgrade(url)
         _ready.add(url)
+
+
+def at_head(url: str) -> bool:
+    """Whether the database's recorded revision is HEAD_REVISION (False where it has none yet,
+    or the file or server is missing: `upgrade` then says what is wrong)."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except (OperationalError, ProgrammingError):  # no such table, or no such database yet
+        return False
+    finally:
+        engine.dispose()
+    return found == [HEAD_REVISION]
