@@ -168,12 +168,7 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
         for r in burst
         if r["id"] in procs and r["id"] in firsts
     ]
-    alone_run = every[1]  # after the warm-up run: alone, with the model loaded
-    alone = (
-        firsts[alone_run["id"]] - procs[alone_run["id"]].started
-        if alone_run["id"] in procs and alone_run["id"] in firsts
-        else None
-    )
+    alone = alone_steps(stack, every[1], procs, firsts)  # after the warm-up run: model loaded
     at_worker = first_batch_at_worker(stack, [r["id"] for r in burst])
     to_worker = [at_worker[r] - procs[r].started for r in at_worker if r in procs]
     intervals = calls(stack.database_url)
@@ -189,7 +184,9 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
         "flow_process_peak_rss_mib": max(p.peak_rss for p in sampler.seen.values()) / 2**20,
         "calls_at_once": most_at_once(intervals),
         "burst_wall_s": burst_wall,
-        "alone_start_to_first_call_s": alone,
+        "alone_start_to_running_s": alone[0],
+        "alone_start_to_gpu_worker_s": alone[1],
+        "alone_start_to_first_call_s": alone[2],
         "burst_start_to_first_call_s": sorted(to_first),
         "burst_start_to_gpu_worker_s": sorted(to_worker),
         "single_pages_per_s": pages / wall(single),
@@ -201,6 +198,22 @@ def summarize(stack, args, sampler, every, burst, burst_wall, single, sweep) -> 
     }
 
 
+def alone_steps(
+    stack: Stack, run: dict[str, Any], procs: dict[str | None, Any], firsts: dict[str, float]
+) -> tuple[float | None, float | None, float | None]:
+    """Seconds from a run's process start to: its flow running, its first batch at the GPU
+    worker, its first model call (None for what was not seen)."""
+    proc = procs.get(run["id"])
+    if proc is None:
+        return None, None, None
+    at_worker = first_batch_at_worker(stack, [run["id"]]).get(run["id"])
+    return (
+        wall_start(run) - proc.started,
+        None if at_worker is None else at_worker - proc.started,
+        firsts[run["id"]] - proc.started if run["id"] in firsts else None,
+    )
+
+
 def wall_start(run: dict[str, Any]) -> float:
     from datetime import datetime
 
@@ -209,7 +222,7 @@ def wall_start(run: dict[str, Any]) -> float:
 
 def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys.stdout) -> None:
     firsts, ats = result["burst_start_to_first_call_s"], result["burst_start_to_gpu_worker_s"]
-    alone = result["alone_start_to_first_call_s"]
+    alone = [result[f"alone_start_to_{step}_s"] for step in ("running", "gpu_worker", "first_call")]
     rows = [
         ("runs completed", f"{result['runs_completed']} / {result['runs']}"),
         ("model loads in the whole run", result["model_loads"]),
@@ -221,8 +234,8 @@ def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys
         ("model calls at once on the device (most)", result["calls_at_once"]),
         (f"{args.runs} runs at once: wall", f"{result['burst_wall_s']:.1f} s"),
         (
-            "one run alone: process start to first model call",
-            "-" if alone is None else f"{alone:.1f} s",
+            "one run alone: process start to flow running / batch at GPU worker / model call",
+            " / ".join("-" if step is None else f"{step:.1f}" for step in alone) + " s",
         ),
         ("process start to first batch at the GPU worker (min / median / max)", _spread(ats)),
         ("process start to first model call (min / median / max)", _spread(firsts)),
