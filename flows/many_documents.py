@@ -14,8 +14,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import task
+import httpx
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.exceptions import PrefectHTTPStatusError
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from vramflow.flows.process_pdf import process_pdf
@@ -30,9 +34,35 @@ class DocumentJob:
     parameters: dict[str, Any]
 
 
+# Seconds before a document whose subflow the Prefect API could not create is tried again.
+API_RETRY_DELAY_S = 10
+
+
+def prefect_api_unavailable(error: object) -> bool:
+    """Whether `error` says the Prefect API could not answer (a 5xx, or no connection), as a
+    server on SQLite answers 503 while its database is busy, even after the client's retries."""
+    if isinstance(error, PrefectHTTPStatusError):
+        return error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError)
+
+
+def _subflow_not_created(_task: Task, _run: TaskRun, state: State) -> bool:
+    # The task's state holds the exception it raised. A subflow that ran returns its own state
+    # instead of raising, so only a run the API could not create or start comes here; trying it
+    # again is safe because pages already answered are skipped by their result keys.
+    return prefect_api_unavailable(state.data)
+
+
 # A task, so that the subflows of one sweep can run side by side in the task runner's threads
 # (Prefect runs a flow called inside a task as a subflow of the caller, linked to that task).
-@task(name="process-document", task_run_name="process {job.name}", cache_policy=NO_CACHE)
+@task(
+    name="process-document",
+    task_run_name="process {job.name}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=API_RETRY_DELAY_S,
+    retry_condition_fn=_subflow_not_created,
+)
 def process_document(job: DocumentJob) -> Outcome:
     """Run `process-pdf` for one document; its outcome, whatever the subflow's final state."""
     # `process_pdf` is an async flow; this thread has no event loop of its own.

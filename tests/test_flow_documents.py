@@ -52,6 +52,48 @@ def test_process_documents_runs_at_most_documents_at_once_together(
     assert most[0] == documents_at_once
 
 
+def test_a_document_whose_subflow_the_api_could_not_create_is_tried_again(
+    prefect_harness, monkeypatch
+):
+    """A 503 from the Prefect API (a server on SQLite, busy) that outlasts the client's own
+    retries fails creating the subflow: the document is tried again. Its own errors are not."""
+    import httpx
+    from prefect import flow
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Completed
+
+    from vramflow.flows import many_documents
+
+    calls: dict[str, int] = {}
+
+    async def stand_in(path: str, return_state: bool) -> Completed:
+        calls[path] = calls.get(path, 0) + 1
+        if path == "busy.pdf" and calls[path] == 1:
+            request = httpx.Request("POST", "http://127.0.0.1/api/task_runs/")
+            response = httpx.Response(503, request=request, json={"exception_message": "busy"})
+            error = httpx.HTTPStatusError("503", request=request, response=response)
+            raise PrefectHTTPStatusError.from_httpx_error(error)
+        if path == "bug.pdf":
+            raise RuntimeError("a fault of the document's own")
+        return Completed(data={"status": "done", "pages_ok": 1, "pages_failed": 0})
+
+    @flow
+    def sweep_of_stand_ins() -> list:
+        jobs = [many_documents.DocumentJob(n, {"path": n}) for n in ("busy.pdf", "bug.pdf")]
+        return many_documents.process_documents(jobs, 2)
+
+    monkeypatch.setattr(many_documents, "process_pdf", stand_in)
+    no_delay = many_documents.process_document.with_options(retry_delay_seconds=0)
+    monkeypatch.setattr(many_documents, "process_document", no_delay)
+    outcomes = sweep_of_stand_ins()
+    assert [(o.file, o.outcome) for o in outcomes] == [
+        ("busy.pdf", "processed"),
+        ("bug.pdf", "failed"),
+    ]
+    assert calls == {"busy.pdf": 2, "bug.pdf": 1}
+    assert "a fault of the document's own" in outcomes[1].detail
+
+
 def test_sweep_runs_documents_side_by_side_and_the_model_one_batch_at_a_time(
     env, tiny_model_dir, tmp_path
 ):
