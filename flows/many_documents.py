@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from vramflow.flows.process_pdf import process_pdf
 from vramflow.tasks.outcomes import Outcome, failed_outcome, outcome_of_run
+from vramflow.tasks.run_report import picture_drawn_by_caller
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,11 @@ def _subflow_not_created(_task: Task, _run: TaskRun, state: State) -> bool:
     retry_condition_fn=_subflow_not_created,
 )
 def process_document(job: DocumentJob) -> Outcome:
-    """Run `process-pdf` for one document; its outcome, whatever the subflow's final state."""
-    # `process_pdf` is an async flow; this thread has no event loop of its own.
-    state = asyncio.run(process_pdf(**job.parameters, return_state=True))
+    """Run `process-pdf` for one document; its outcome, whatever the subflow's final state.
+    The calling flow draws one picture of all its documents, so this one draws none."""
+    with picture_drawn_by_caller():
+        # `process_pdf` is an async flow; this thread has no event loop of its own.
+        state = asyncio.run(process_pdf(**job.parameters, return_state=True))
     return outcome_of_run(job.name, state)
 
 

@@ -54,4 +54,6 @@ def retry_failed(
     # move weights on and off the device at every hand-over of the slot.
     runs.sort(key=lambda run: run.parameters["model"])
     outcomes += process_documents(runs, settings.documents_at_once)
-    return publish_outcomes("Retry of failed pages", "vramflow-retry-failed", outcomes)
+    return publish_outcomes(
+        "Retry of failed pages", "vramflow-retry-failed", outcomes, settings.resolved_database_url
+    )

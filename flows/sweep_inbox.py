@@ -69,7 +69,12 @@ def sweep_inbox(
         }
         jobs.append(DocumentJob(file.name, parameters))
     outcomes = skipped + process_documents(jobs, settings.documents_at_once)
-    summary = publish_outcomes(f"Sweep of {settings.inbox_dir}", "vramflow-sweep-inbox", outcomes)
+    summary = publish_outcomes(
+        f"Sweep of {settings.inbox_dir}",
+        "vramflow-sweep-inbox",
+        outcomes,
+        settings.resolved_database_url,
+    )
     get_run_logger().info(
         "sweep of %s: %d processed, %d skipped, %d failed",
         settings.inbox_dir,

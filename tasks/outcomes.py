@@ -8,6 +8,8 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import State
 
+from vramflow.tasks.run_report import publish_picture_of_runs
+
 OUTCOMES = ("processed", "skipped", "failed")
 
 
@@ -46,9 +48,12 @@ def outcome_of_run(file: str, state: State) -> Outcome:
     return Outcome(file, "failed" if status == "failed" else "processed", detail, run_id)
 
 
-def publish_outcomes(title: str, key: str, outcomes: list[Outcome]) -> dict[str, Any]:
-    """A table artifact (one row per document) and a markdown summary; returns
-    {"processed": [names], "skipped": [names], "failed": [names], "outcomes": [dicts]}."""
+def publish_outcomes(
+    title: str, key: str, outcomes: list[Outcome], database_url: str
+) -> dict[str, Any]:
+    """A table artifact (one row per document), a markdown summary and one picture of the
+    documents' model calls (`<key>-picture`); returns {"processed": [names], "skipped":
+    [names], "failed": [names], "outcomes": [dicts]}."""
     names = {kind: [o.file for o in outcomes if o.outcome == kind] for kind in OUTCOMES}
     counts = ", ".join(f"{len(names[kind])} {kind}" for kind in OUTCOMES)
     if outcomes:
@@ -58,4 +63,6 @@ def publish_outcomes(title: str, key: str, outcomes: list[Outcome]) -> dict[str,
     lines = [f"## {title}", "", counts, ""]
     lines += [f"- **{o.outcome}** `{o.file}` {o.detail}".rstrip() for o in outcomes]
     create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-summary", description=counts)
+    runs = [o.flow_run_id for o in outcomes if o.flow_run_id and o.outcome != "skipped"]
+    publish_picture_of_runs(database_url, title, f"{key}-picture", runs)
     return {**names, "outcomes": [asdict(o) for o in outcomes]}

@@ -5,20 +5,48 @@ Two artifacts per document run, keyed by document so runs of it line up in the A
 prefix>`, a markdown artifact with the run's plot as a PNG `data:` URI. The Prefect UI draws
 that image in the markdown; inline SVG is stripped by its sanitizer (checked in Chromium
 against Prefect 3.9.1), and an image artifact would print the whole URI under the picture.
+
+Documents run by a sweep draw no picture of their own: drawing takes 0.3-1 s of CPU in the
+sweep's one process, most of what a two-page document costs there once the model is fast. The
+sweep draws one picture of all its documents' calls instead (`publish_picture_of_runs`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_table_artifact,
+    create_markdown_artifact,
+)
 
 from vramflow import page_table
 from vramflow.db import run_views
 from vramflow.db.queries import ResultKey
 from vramflow.db.session import session_scope
 from vramflow.timeline import Timeline
+
+# True while a flow that runs many documents (sweep-inbox, retry-failed) runs one of them: that
+# flow draws the picture of them all.
+_picture_drawn_by_caller: ContextVar[bool] = ContextVar("picture_drawn_by_caller", default=False)
+
+
+@contextmanager
+def picture_drawn_by_caller() -> Iterator[None]:
+    """Document runs started inside draw no picture of their own: the caller draws one of all.
+    (A function, not the variable itself, in tasks: Prefect pickles a running task's function
+    with the globals it names, for the task runs it sends to GPU workers, and a ContextVar
+    does not pickle.)"""
+    token = _picture_drawn_by_caller.set(True)
+    try:
+        yield
+    finally:
+        _picture_drawn_by_caller.reset(token)
 
 
 def pages_key(sha256: str) -> str:
@@ -32,12 +60,12 @@ def picture_key(sha256: str) -> str:
 async def publish_run_report(
     database_url: str, key: ResultKey, summary: dict[str, Any], sha256: str
 ) -> None:
-    """Publish the per-page table and, when the run made model calls, its picture; `summary`
-    is the flow's (its `file` and `flow_run_id`)."""
+    """Publish the per-page table and, when the run made model calls (and no caller draws
+    them), its picture; `summary` is the flow's (its `file` and `flow_run_id`)."""
     file_name, flow_run_id = summary["file"], summary["flow_run_id"]
     lines, timeline = await asyncio.to_thread(_read, database_url, key, flow_run_id, file_name)
-    if timeline.start is None:
-        drawing = None  # every page was done before: nothing ran, nothing to draw
+    if timeline.start is None or _picture_drawn_by_caller.get():
+        drawing = None  # nothing ran (every page was done before), or the caller draws it
     else:  # drawn in a thread (about 0.3-1 s on 2 cores) while the table goes to the API
         drawing = asyncio.ensure_future(asyncio.to_thread(_draw, timeline))
     show = f"vramflow show {sha256[:16]}"
@@ -56,6 +84,26 @@ async def publish_run_report(
     )
 
 
+def publish_picture_of_runs(
+    database_url: str, title: str, key: str, flow_run_ids: Collection[str]
+) -> bool:
+    """One picture of the model calls that carried pages of any of `flow_run_ids` (a sweep's
+    documents), as the markdown artifact `key`; False when there were none to draw."""
+    if not flow_run_ids:
+        return False
+    with session_scope(database_url) as session:
+        timeline = run_views.timeline(session, flow_run_ids, title=title)
+    if timeline.start is None:
+        return False
+    runs = list(flow_run_ids)
+    only = runs[0] if len(runs) == 1 else None
+    markdown = _picture_markdown(timeline, _draw(timeline), only, len(runs))
+    create_markdown_artifact(
+        markdown=markdown, key=key, description=f"Memory and pages per second of {title}"
+    )
+    return True
+
+
 def _draw(timeline: Timeline) -> str:
     from vramflow import plot  # matplotlib takes 1-2 s to import: only runs that draw pay it
 
@@ -71,15 +119,23 @@ def _read(
     return lines, timeline
 
 
-def _picture_markdown(timeline: Timeline, image: str, flow_run_id: str | None) -> str:
+def _picture_markdown(
+    timeline: Timeline, image: str, flow_run_id: str | None, documents: int = 1
+) -> str:
     memory = "VRAM: torch peak per call and NVML device use" if timeline.on_gpu else "RSS (CPU)"
     summary: list[Any] = [
         f"{len(timeline.calls)} model calls",
         f"{len(timeline.holds)} slot holds (shaded)",
         memory,
     ]
-    command = f"vramflow plot run.png --run {flow_run_id}" if flow_run_id else "vramflow plot"
+    if documents > 1:
+        summary.insert(0, f"{documents} documents")
+        where = "Each document's own picture from the command line: `vramflow plot run.png --run"
+        where += " <its flow run id>`"
+    else:
+        command = f"vramflow plot run.png --run {flow_run_id}" if flow_run_id else "vramflow plot"
+        where = f"The same picture from the command line: `{command}`"
     return (
         f"## {timeline.title}\n\n![memory and pages per second over the run]({image})\n\n"
-        f"{'; '.join(summary)}. The same picture from the command line: `{command}`\n"
+        f"{'; '.join(summary)}. {where}\n"
     )

@@ -161,7 +161,16 @@ def test_sweep_processes_a_new_file_and_skips_a_renamed_copy_of_a_known_one(
     stack.wait(run_id)
     [table] = [a for a in stack.artifacts(run_id) if a["key"] == "vramflow-sweep-inbox"]
     outcomes = {row["file"]: row["outcome"] for row in _table(table)}
-    assert outcomes == {SWEEP_PDF: "processed", "renamed-copy.pdf": "skipped"}
+    details = [row["detail"] for row in _table(table)]
+    assert outcomes == {SWEEP_PDF: "processed", "renamed-copy.pdf": "skipped"}, details
+    # one picture, the sweep's; the document's run drew none of its own
+    [picture] = [a for a in stack.artifacts(run_id) if a["key"] == "vramflow-sweep-inbox-picture"]
+    assert "data:image/png;base64," in picture["data"]
+    [document_run] = [row["flow_run_id"] for row in _table(table) if row["file"] == SWEEP_PDF]
+    assert f"--run {document_run}" in picture["data"]
+    document_keys = [a["key"] or "" for a in stack.artifacts(document_run)]
+    assert any(key.startswith("vramflow-pages-") for key in document_keys)
+    assert not any(key.startswith("vramflow-picture-") for key in document_keys)
     assert [(r.page_number, r.status) for r in _results(stack, SWEEP_PDF)] == [(1, "ok")]
     # the known document was not run again
     assert {r.flow_run_id for r in _results(stack, FIRST_PDF)} == {first_run["id"]}

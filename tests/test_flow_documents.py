@@ -122,3 +122,13 @@ def test_sweep_runs_documents_side_by_side_and_the_model_one_batch_at_a_time(
     calls = stored_call_intervals(env)
     assert list(calls) == ["cpu"] and max_concurrency(calls["cpu"]) == 1
     assert max_concurrency(stored_hold_intervals(env)) == 1
+
+
+def test_the_task_that_runs_a_document_pickles():
+    """A document's batches go to GPU workers with the running task's context, which Prefect
+    pickles together with the task's function and the globals it names."""
+    import cloudpickle
+
+    from vramflow.flows.many_documents import process_document
+
+    assert cloudpickle.loads(cloudpickle.dumps(process_document)).name == "process-document"

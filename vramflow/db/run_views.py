@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -90,11 +91,12 @@ def latest_flow_run(session: Session, document_id: int | None = None) -> str | N
 
 def timeline(
     session: Session,
-    flow_run_id: str | None = None,
+    flow_run_id: str | Collection[str] | None = None,
     since: datetime | None = None,
     title: str = "",
 ) -> Timeline:
-    """Model calls and slot holds of one flow run, or of every run since `since`.
+    """Model calls and slot holds of a flow run (or of several: a sweep's documents), or of
+    every run since `since`.
 
     A run's holds are those it took itself, and holds taken for no one run (a GPU worker's,
     serving several runs) while the run's calls went on.
@@ -113,8 +115,9 @@ def timeline(
     ).group_by(Attempt.call_id)
     holds = select(SlotHold)
     if flow_run_id is not None:
-        calls = calls.where(Attempt.flow_run_id == flow_run_id)
-        holds = holds.where(_holds_of_run(session, flow_run_id))
+        runs = [flow_run_id] if isinstance(flow_run_id, str) else list(flow_run_id)
+        calls = calls.where(Attempt.flow_run_id.in_(runs))
+        holds = holds.where(_holds_of_runs(session, runs))
     if since is not None:
         calls = calls.where(Attempt.finished_at >= since)
         holds = holds.where((SlotHold.released_at >= since) | SlotHold.released_at.is_(None))
@@ -129,14 +132,14 @@ def timeline(
     return found
 
 
-def _holds_of_run(session: Session, flow_run_id: str):
-    """Holds by the run, or by no run while the run's calls went on."""
+def _holds_of_runs(session: Session, runs: list[str]):
+    """Holds by the runs, or by no run while the runs' calls went on."""
     first, last = session.execute(
         select(func.min(Attempt.started_at), func.max(Attempt.finished_at)).where(
-            Attempt.flow_run_id == flow_run_id
+            Attempt.flow_run_id.in_(runs)
         )
     ).one()
-    own = SlotHold.flow_run_id == flow_run_id
+    own = SlotHold.flow_run_id.in_(runs)
     if first is None:
         return own
     shared = (
