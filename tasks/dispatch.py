@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from prefect import Task
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -108,21 +108,25 @@ class RemoteBatch:
         for extract in self.extracts:
             extract.wait()
         future, sent = self._submit(), time.monotonic()
-        while True:
-            _wait_a_while(future)
-            state = _read_state(future)
-            if state is not None and state.is_final():
-                if state.is_failed() or state.is_crashed() or state.is_cancelled():
-                    self.failure = state.message or state.name
-                return
-            verdict = self._check(state, time.monotonic() - sent)
-            if verdict == "give up":
-                _cancel(future, "no GPU worker took this batch")
-                self._fail_pages()
-                return
-            if verdict == "resend":
-                _cancel(future, "sent again: its delivery or its GPU worker was lost")
-                future, sent = self._submit(), time.monotonic()
+        # One API client for the whole wait: one per look costs a new TLS context each time,
+        # CPU that a sweep's documents, all waiting in one process, pay together.
+        with get_client(sync_client=True) as client:
+            while True:
+                state = _read_state(client, future)
+                if state is not None and state.is_final():
+                    if state.is_failed() or state.is_crashed() or state.is_cancelled():
+                        self.failure = state.message or state.name
+                    return
+                verdict = self._check(state, time.monotonic() - sent)
+                if verdict == "give up":
+                    _cancel(client, future, "no GPU worker took this batch")
+                    self._fail_pages()
+                    return
+                if verdict == "resend":
+                    _cancel(client, future, "sent again: its delivery or its GPU worker was lost")
+                    future, sent = self._submit(), time.monotonic()
+                    continue
+                _wait_a_while(future, recorded=state is not None)
 
     def _submit(self) -> PrefectFuture:
         self.submissions += 1
@@ -174,26 +178,27 @@ class RemoteBatch:
             )
 
 
-def _wait_a_while(future: PrefectFuture) -> None:
+def _wait_a_while(future: PrefectFuture, recorded: bool) -> None:
     """Until the task run ends, or for CHECK_EVERY_SECONDS. Prefect's wait refuses a task run
     the server has not recorded yet (it writes task runs in batches): then pause briefly."""
+    if not recorded:
+        time.sleep(NOT_RECORDED_PAUSE_SECONDS)
+        return
     try:
         future.wait(timeout=CHECK_EVERY_SECONDS)
     except RuntimeError:  # "has no state which means it hasn't started yet"
         time.sleep(NOT_RECORDED_PAUSE_SECONDS)
 
 
-def _read_state(future: PrefectFuture) -> Any | None:
+def _read_state(client: SyncPrefectClient, future: PrefectFuture) -> Any | None:
     """The task run's state; None while the server has not recorded it yet (it writes task-run
     states in batches)."""
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_task_run(future.task_run_id).state
-        except ObjectNotFound:
-            return None
+    try:
+        return client.read_task_run(future.task_run_id).state
+    except ObjectNotFound:
+        return None
 
 
-def _cancel(future: PrefectFuture, why: str) -> None:
+def _cancel(client: SyncPrefectClient, future: PrefectFuture, why: str) -> None:
     """Mark a task run given up on as Cancelled, so that a late delivery does not run it."""
-    with get_client(sync_client=True) as client:
-        client.set_task_run_state(future.task_run_id, Cancelled(message=why), force=True)
+    client.set_task_run_state(future.task_run_id, Cancelled(message=why), force=True)
