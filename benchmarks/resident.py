@@ -5,8 +5,9 @@
         --sweep-documents 4 --json
 
 Starts its own stack in a work folder, whatever VRAMFLOW_* the caller's environment says: a real
-`prefect server start` (SQLite), the `vramflow-gpu` process pool with the repository's deployments,
-one `prefect worker start` and one `vramflow gpu-worker`; one warm-up run loads the model. Then:
+`prefect server start` (on SQLite, or on `--prefect-database-url`), the `vramflow-gpu` process
+pool with the repository's deployments, one `prefect worker start` and one `vramflow gpu-worker`;
+one warm-up run loads the model. Then:
   alone   one process-pdf run of `--burst-pages` pages, with nothing else running
   burst   `--runs` process-pdf runs of `--burst-pages` pages, triggered at once through the REST API
   single  one process-pdf run over `--sweep-documents` x 2 pages at batch size 8
@@ -250,7 +251,8 @@ def print_table(result: dict[str, Any], args: argparse.Namespace, out: Any = sys
     width = max(len(name) for name, _ in rows)
     print(
         f"resident GPU worker: model {args.model}, {args.max_new_tokens} new tokens, "
-        f"device {args.device_label}, SQLite (results and Prefect server)"
+        f"device {args.device_label}, results on SQLite, Prefect server on "
+        + ("PostgreSQL" if args.prefect_database_url else "SQLite")
         + (", runs started without the workspace supervisor" if args.engine_command else ""),
         file=out,
     )
@@ -284,6 +286,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="give runs the process worker's `command` job variable (this Python's\n"
         "`-m prefect.engine`), which skips Prefect's workspace supervisor process",
     )
+    parser.add_argument(
+        "--prefect-database-url",
+        default=None,
+        help="the Prefect server's database (postgresql+asyncpg://...; an empty database of\n"
+        "a running server), instead of SQLite, which answers busy writes with 503s",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     return parser.parse_args(argv)
 
@@ -297,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         (folder / "home").mkdir(exist_ok=True)
         (folder / "home" / "models").symlink_to(args.model_cache_dir.resolve())
     stack = Stack(folder.resolve(), args.model)
+    if args.prefect_database_url:
+        stack.env["PREFECT_API_DATABASE_CONNECTION_URL"] = args.prefect_database_url
     if args.engine_command:
         stack.job_variables["command"] = f"{sys.executable} -m prefect.engine"
     try:
