@@ -12,7 +12,7 @@ from vramflow.flows.many_documents import DocumentJob, process_documents
 from vramflow.flows.process_pdf import build_settings
 from vramflow.runs import validate_prompt
 from vramflow.tasks.inbox import scan_inbox
-from vramflow.tasks.outcomes import Outcome, publish_outcomes
+from vramflow.tasks.outcomes import OUTCOMES, Outcome, publish_outcomes
 
 
 def _run_name() -> str:
@@ -69,17 +69,8 @@ def sweep_inbox(
         }
         jobs.append(DocumentJob(file.name, parameters))
     outcomes = skipped + process_documents(jobs, settings.documents_at_once)
-    summary = publish_outcomes(
-        f"Sweep of {settings.inbox_dir}",
-        "vramflow-sweep-inbox",
-        outcomes,
-        settings.resolved_database_url,
-    )
-    get_run_logger().info(
-        "sweep of %s: %d processed, %d skipped, %d failed",
-        settings.inbox_dir,
-        len(summary["processed"]),
-        len(summary["skipped"]),
-        len(summary["failed"]),
-    )
+    title, database = f"Sweep of {settings.inbox_dir}", settings.resolved_database_url
+    summary = publish_outcomes(title, "vramflow-sweep-inbox", outcomes, database)
+    counts = ", ".join(f"{len(summary[kind])} {kind}" for kind in OUTCOMES)
+    get_run_logger().info("sweep of %s: %s", settings.inbox_dir, counts)
     return summary
