@@ -86,22 +86,21 @@ async def publish_run_report(
 
 def publish_picture_of_runs(
     database_url: str, title: str, key: str, flow_run_ids: Collection[str]
-) -> bool:
+) -> None:
     """One picture of the model calls that carried pages of any of `flow_run_ids` (a sweep's
-    documents), as the markdown artifact `key`; False when there were none to draw."""
-    if not flow_run_ids:
-        return False
-    with session_scope(database_url) as session:
-        timeline = run_views.timeline(session, flow_run_ids, title=title)
-    if timeline.start is None:
-        return False
+    documents), as the markdown artifact `key`; none when there were no calls to draw."""
     runs = list(flow_run_ids)
+    if not runs:
+        return
+    with session_scope(database_url) as session:
+        timeline = run_views.timeline(session, runs, title=title)
+    if timeline.start is None:
+        return
     only = runs[0] if len(runs) == 1 else None
     markdown = _picture_markdown(timeline, _draw(timeline), only, len(runs))
     create_markdown_artifact(
         markdown=markdown, key=key, description=f"Memory and pages per second of {title}"
     )
-    return True
 
 
 def _draw(timeline: Timeline) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
-from sqlalchemy.pool import NullPool
+
+from vramflow.db.session import get_engine
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,9 @@ def ensure_schema(url: str) -> None:
 def at_head(url: str) -> bool:
     """Whether the database's recorded revision is HEAD_REVISION (False where it has none yet,
     or the file or server is missing: `upgrade` then says what is wrong)."""
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
+    try:  # the process's own engine: the run that asks goes on to use it
+        with get_engine(url).connect() as conn:
             found = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
     except (OperationalError, ProgrammingError):  # no such table, or no such database yet
         return False
-    finally:
-        engine.dispose()
     return found == [HEAD_REVISION]
